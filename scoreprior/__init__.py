@@ -1,0 +1,25 @@
+"""scoreprior: principled Bayesian imaging with score-based diffusion priors."""
+
+from scoreprior.density import ScorePrior, bits_per_dim
+from scoreprior.likelihood import DiagonalCovariance, FourierDiagonalCovariance, GaussianLikelihood, NoiseCovariance
+from scoreprior.nets import MLP, UNet, build_net
+from scoreprior.priors import GaussianPrior, gaussian_posterior
+from scoreprior.scores import GaussianMixtureScore, GaussianScore
+from scoreprior.sde import SDE, VESDE, SubVPSDE, VPSDE, sde_from_config
+from scoreprior.surrogate import SurrogatePrior
+from scoreprior.training import (
+    EMA, NoisePredictionScore, TrainConfig, TrainResult, dsm_loss, load_checkpoint, load_prior, save_checkpoint,
+    train_score_model,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SDE", "VPSDE", "SubVPSDE", "VESDE", "sde_from_config",
+    "GaussianScore", "GaussianMixtureScore",
+    "ScorePrior", "bits_per_dim", "SurrogatePrior", "GaussianPrior", "gaussian_posterior",
+    "GaussianLikelihood", "NoiseCovariance", "DiagonalCovariance", "FourierDiagonalCovariance",
+    "UNet", "MLP", "build_net",
+    "NoisePredictionScore", "EMA", "TrainConfig", "TrainResult", "dsm_loss", "train_score_model",
+    "save_checkpoint", "load_checkpoint", "load_prior",
+]

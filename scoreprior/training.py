@@ -1,0 +1,420 @@
+"""Denoising score matching: the loss, EMA weights, the training loop and its checkpoints.
+
+Networks here predict the noise: with x_t = a(t) x_0 + s(t) z, net(x_t, t) estimates z, and the score
+is -net(x_t, t) / s(t) (Ho et al., NeurIPS 2020; Song et al., ICLR 2021). A checkpoint is a plain
+dict of tensors, numbers, strings and lists, so it loads with `torch.load(..., weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from scoreprior.density import ScorePrior
+from scoreprior.nets import build_net
+from scoreprior.sde import SDE, batch_times, sde_from_config
+
+__all__ = [
+    "CHECKPOINT_VERSION",
+    "NoisePredictionScore",
+    "dsm_loss",
+    "EMA",
+    "TrainConfig",
+    "TrainResult",
+    "train_score_model",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_prior",
+]
+
+CHECKPOINT_FORMAT = "scoreprior-checkpoint"
+CHECKPOINT_VERSION = 1
+_REQUIRED_KEYS = (
+    "format", "version", "net_config", "sde_config", "event_shape", "net", "ema", "step", "loss_history",
+)
+
+
+class NoisePredictionScore(nn.Module):
+    """Score model of a noise-prediction network: score(x, t) = -net(x, t) / s(t).
+
+    net: callable net(x, t) -> shaped like x, t a (B,) tensor in [0, 1], estimating the noise z of
+    x_t = a(t) x_0 + s(t) z; sde: the forward SDE giving s(t); event_shape: shape of one sample, if
+    known (read by `ScorePrior`).
+    Inputs are cast to the dtype of the net's parameters and the score is cast back, so a float32 net
+    can be called inside a float64 ODE solve.
+
+    Call: x (B, *event_shape), t scalar or (B,) -> (B, *event_shape).
+    """
+
+    def __init__(self, net: nn.Module, sde: SDE, *, event_shape: tuple[int, ...] | None = None):
+        super().__init__()
+        self.net = net
+        self.sde = sde
+        self.event_shape = torch.Size(event_shape) if event_shape is not None else None
+
+    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
+        param = next(self.net.parameters(), None)
+        dtype = param.dtype if param is not None else x.dtype
+        t = batch_times(t, x)
+        _, s = self.sde.marginal(t)
+        eps = self.net(x.to(dtype), t.to(dtype)).to(x.dtype)
+        return -eps / s.reshape(s.shape + (1,) * (x.ndim - 1))
+
+
+def dsm_loss(
+    net: Callable[[Tensor, Tensor], Tensor],
+    sde: SDE,
+    x0: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    eps: float = 1e-5,
+    reduction: str = "mean",
+) -> Tensor:
+    """Denoising score-matching loss in noise-prediction form (Vincent 2011; Song et al., ICLR 2021).
+
+    t ~ U(eps, 1), z ~ N(0, I), x_t = a(t) x_0 + s(t) z per sample, and
+        loss = E ||net(x_t, t) - z||^2 / d.
+    With score = -net / s(t) this is the score-matching objective
+    E[s(t)^2 ||score(x_t, t) - grad log p(x_t | x_0)||^2] / d, i.e. the weighting lambda(t) = s(t)^2
+    of Song et al. (2021), divided by the dimension d so values are comparable across image sizes.
+    A perfect noise predictor scores 1 - s(t)^2 tr((a^2 C + s^2 I)^-1) / d on N(mu, C) data, not 0.
+
+    net: noise predictor net(x, t) -> shaped like x; x0: (B, *event_shape) clean data;
+    generator: draws t and z (on x0's device); eps: smallest time;
+    reduction: "mean" (a scalar) or "none" (the (B,) per-sample losses).
+    """
+    if x0.ndim < 2 or x0.shape[0] == 0:
+        raise ValueError(f"x0: expected a non-empty batch (B, *event_shape), got {tuple(x0.shape)}")
+    if not 0.0 <= eps < 1.0:
+        raise ValueError(f"eps: expected a number in [0, 1), got {eps}")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction: expected 'mean' or 'none', got {reduction!r}")
+    b = x0.shape[0]
+    t = eps + (1.0 - eps) * torch.rand(b, generator=generator, device=x0.device, dtype=x0.dtype)
+    z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    xt = sde.perturb(x0, t, z)
+    losses = (net(xt, t) - z).pow(2).reshape(b, -1).mean(1)
+    return losses.mean() if reduction == "mean" else losses
+
+
+class EMA:
+    """Exponential moving average of a module's parameters (Polyak averaging).
+
+    shadow <- d shadow + (1 - d) param after each `update()`, with the warm-up
+    d = min(decay, (1 + n) / (10 + n)) at update n, so early averages are not dominated by the
+    initial weights. Buffers are copied as they are.
+
+    module: the module being trained (kept by reference); decay: the long-run decay in [0, 1).
+    """
+
+    def __init__(self, module: nn.Module, decay: float = 0.999):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay: expected a number in [0, 1), got {decay}")
+        self.module = module
+        self.decay = float(decay)
+        self.num_updates = 0
+        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        self._param_names = {name for name, _ in module.named_parameters()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Move the shadow weights towards the module's current weights."""
+        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        for name, value in self.module.state_dict().items():
+            if name in self._param_names and value.is_floating_point():
+                self.shadow[name].lerp_(value, 1.0 - d)
+            else:
+                self.shadow[name].copy_(value)
+        self.num_updates += 1
+
+    def copy_to(self, module: nn.Module) -> None:
+        """Load the averaged weights into `module` (same architecture as the tracked one)."""
+        module.load_state_dict(self.shadow)
+
+    def state_dict(self) -> dict:
+        """{"decay", "num_updates", "shadow": {name: tensor}}."""
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": dict(self.shadow)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from `state_dict()`."""
+        self.decay = float(state["decay"])
+        self.num_updates = int(state["num_updates"])
+        for name, value in state["shadow"].items():
+            self.shadow[name].copy_(value)
+
+
+@dataclass
+class TrainConfig:
+    """Options of `train_score_model`.
+
+    steps: total optimiser steps (a resumed run stops at the same total); batch_size: images per step;
+    lr: Adam learning rate after warm-up; warmup: steps of linear learning-rate warm-up from lr/warmup;
+    grad_clip: max global gradient norm (None: no clipping); ema_decay: see `EMA`;
+    seed: seeds the generator for batch indices, times and noise (network initialisation is the
+    caller's); checkpoint_every: steps between checkpoints (0: only at the end);
+    log_every: steps between refreshes of the progress bar's running loss.
+    """
+
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 100
+    grad_clip: float | None = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    checkpoint_every: int = 0
+    log_every: int = 10
+
+    def __post_init__(self):
+        for name in ("steps", "warmup", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected a non-negative integer, got {getattr(self, name)}")
+        for name in ("batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: expected a positive number, got {self.lr}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip: expected a positive number or None, got {self.grad_clip}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay: expected a number in [0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class TrainResult:
+    """Outcome of `train_score_model`.
+
+    final_loss: mean loss over the last `log_every` steps (nan if no step was ever taken);
+    loss_history: loss of every step since step 0, resumed steps included; steps: total steps done;
+    wall_time: seconds spent in this call; ema: the EMA of the weights (`ema.copy_to(net)` to use it).
+    """
+
+    final_loss: float
+    loss_history: list[float]
+    steps: int
+    wall_time: float
+    ema: EMA = field(repr=False)
+
+
+def _atomic_save(obj: dict, path: Path) -> None:
+    """torch.save to a temporary file in the target folder, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(
+    path: str | Path,
+    net: nn.Module,
+    sde: SDE,
+    *,
+    event_shape: tuple[int, ...],
+    ema: EMA | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    step: int = 0,
+    generator: torch.Generator | None = None,
+    loss_history: list[float] | None = None,
+    provenance: str | None = None,
+    train_config: TrainConfig | None = None,
+) -> Path:
+    """Write a training checkpoint atomically (temporary file in the same folder, then os.replace).
+
+    net: a network with `config()` (see `scoreprior.nets.build_net`); sde: its SDE (with `config()`);
+    event_shape: shape of one training image, e.g. (1, 16, 16); ema: averaged weights (default: the
+    net's current weights); optimizer, generator: stored so that training can resume exactly;
+    step: optimiser steps done; loss_history: per-step losses; provenance: where the data came from;
+    train_config: the options used. Returns the path written.
+    """
+    path = Path(path)
+    ema_state = (ema if ema is not None else EMA(net)).state_dict()
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "net_config": net.config(),
+        "sde_config": sde.config(),
+        "event_shape": [int(n) for n in event_shape],
+        "net": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "ema": {**ema_state, "shadow": {k: v.cpu() for k, v in ema_state["shadow"].items()}},
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "step": int(step),
+        "generator": generator.get_state() if generator is not None else None,
+        "loss_history": [float(v) for v in (loss_history or [])],
+        "provenance": provenance,
+        "train_config": dataclasses.asdict(train_config) if train_config is not None else None,
+    }
+    _atomic_save(checkpoint, path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read and validate a checkpoint written by `save_checkpoint`, tensors on the CPU.
+
+    Raises FileNotFoundError if `path` does not exist, ValueError naming the file if it is not a torch
+    file, is not a scoreprior checkpoint, has another format version or lacks keys.
+    Returns the checkpoint dict (keys listed in `save_checkpoint`, plus "format" and "version").
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"checkpoint {path}: not a readable torch file ({type(err).__name__}: {err})") from err
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {path}: not a scoreprior checkpoint (no format {CHECKPOINT_FORMAT!r})")
+    if checkpoint.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(
+            f"checkpoint {path}: expected format version {CHECKPOINT_VERSION}, got {checkpoint.get('version')!r}"
+        )
+    missing = [k for k in _REQUIRED_KEYS if k not in checkpoint]
+    if missing:
+        raise ValueError(f"checkpoint {path}: missing keys {missing}")
+    return checkpoint
+
+
+def _resume(
+    path: Path,
+    checkpoint: dict,
+    net: nn.Module,
+    sde: SDE,
+    event_shape: torch.Size,
+    ema: EMA,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+) -> tuple[int, list[float]]:
+    """Load a checkpoint's state into the training objects; returns (step, loss history)."""
+    for key, expected in (("net_config", net.config()), ("sde_config", sde.config()),
+                          ("event_shape", list(event_shape))):
+        if checkpoint[key] != expected:
+            raise ValueError(f"checkpoint {path}: {key} {checkpoint[key]} does not match this run's {expected}")
+    if checkpoint.get("optimizer") is None or checkpoint.get("generator") is None:
+        raise ValueError(f"checkpoint {path}: holds no optimizer or generator state, cannot resume")
+    net.load_state_dict(checkpoint["net"])
+    ema.load_state_dict(checkpoint["ema"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    generator.set_state(checkpoint["generator"])
+    return checkpoint["step"], list(checkpoint["loss_history"])
+
+
+def train_score_model(
+    net: nn.Module,
+    sde: SDE,
+    data: Tensor,
+    config: TrainConfig,
+    *,
+    checkpoint: str | Path | None = None,
+    resume: bool = True,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    provenance: str | None = None,
+) -> TrainResult:
+    """Train a noise-prediction network by denoising score matching (`dsm_loss`), in place.
+
+    Adam with linear warm-up and gradient clipping; an EMA of the weights; batches drawn with
+    replacement. One torch.Generator seeded with `config.seed` draws batch indices, times and noise,
+    and its state goes into every checkpoint, so a run resumed from a checkpoint continues exactly as
+    the uninterrupted run would (bitwise on the same device).
+
+    net: network with `config()` called net(x, t) -> shaped like x; sde: the forward SDE;
+    data: (N, *event_shape) training images, cast to the net's dtype; config: see `TrainConfig`.
+    checkpoint: file written every `config.checkpoint_every` steps and at the end (None: never);
+    resume: if `checkpoint` exists, continue from it (its net and SDE configs must match);
+    device: where to train (default: the net's device); progress: show a tqdm bar with the loss;
+    provenance: free text recorded in the checkpoint, e.g. the data's source.
+
+    The net is left on `device`, in eval mode, holding the raw (non-averaged) weights.
+    """
+    if not isinstance(data, Tensor) or data.ndim < 2 or data.shape[0] == 0 or not data.is_floating_point():
+        shape = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
+        raise ValueError(f"data: expected a non-empty floating-point tensor (N, *event_shape), got {shape}")
+    param = next(net.parameters())
+    device = torch.device(device) if device is not None else param.device
+    net.to(device)
+    data = data.to(device=device, dtype=param.dtype)
+    event_shape = data.shape[1:]
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
+    ema = EMA(net, config.ema_decay)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    step, history = 0, []
+    if checkpoint is not None and resume and checkpoint.exists():
+        step, history = _resume(checkpoint, load_checkpoint(checkpoint), net, sde, event_shape,
+                                ema, optimizer, generator)
+
+    def save() -> None:
+        save_checkpoint(checkpoint, net, sde, event_shape=event_shape, ema=ema, optimizer=optimizer,
+                        step=step, generator=generator, loss_history=history, provenance=provenance,
+                        train_config=config)
+
+    start = time.perf_counter()
+    net.train()
+    bar = tqdm(total=config.steps, initial=min(step, config.steps), desc="training",
+               disable=not progress, dynamic_ncols=True)
+    while step < config.steps:
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup) if config.warmup else config.lr
+        idx = torch.randint(data.shape[0], (config.batch_size,), generator=generator, device=device)
+        loss = dsm_loss(net, sde, data[idx], generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip is not None:
+            nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
+        optimizer.step()
+        ema.update()
+        history.append(loss.item())
+        step += 1
+        bar.update(1)
+        if step % config.log_every == 0:
+            bar.set_postfix(loss=f"{sum(history[-config.log_every:]) / config.log_every:.4f}")
+        if checkpoint is not None and config.checkpoint_every and step % config.checkpoint_every == 0 \
+                and step < config.steps:
+            save()
+    bar.close()
+    net.eval()
+    if checkpoint is not None:
+        save()
+    recent = history[-config.log_every:]
+    final = sum(recent) / len(recent) if recent else math.nan
+    return TrainResult(final, history, step, time.perf_counter() - start, ema)
+
+
+def load_prior(
+    path: str | Path,
+    *,
+    t0: float = 1e-5,
+    device: torch.device | str | None = None,
+    use_ema: bool = True,
+) -> ScorePrior:
+    """Rebuild the trained prior of a checkpoint as a `ScorePrior`.
+
+    The network is rebuilt from its config with the EMA weights (or the raw weights if not use_ema),
+    put in eval mode with gradients off, wrapped in `NoisePredictionScore`, and returned as
+    ScorePrior(score, sde, t0=t0, event_shape=...). device: where the network lives (default CPU).
+    """
+    checkpoint = load_checkpoint(path)
+    net = build_net(checkpoint["net_config"])
+    net.load_state_dict(checkpoint["ema"]["shadow"] if use_ema else checkpoint["net"])
+    net.to(device if device is not None else "cpu").eval().requires_grad_(False)
+    sde = sde_from_config(checkpoint["sde_config"])
+    event_shape = tuple(checkpoint["event_shape"])
+    score = NoisePredictionScore(net, sde, event_shape=event_shape)
+    return ScorePrior(score, sde, t0=t0, event_shape=event_shape)
