@@ -3,6 +3,7 @@
 from scoreprior.density import ScorePrior, bits_per_dim
 from scoreprior.likelihood import DiagonalCovariance, FourierDiagonalCovariance, GaussianLikelihood, NoiseCovariance
 from scoreprior.nets import MLP, UNet, build_net
+from scoreprior.posterior import DPI
 from scoreprior.priors import GaussianPrior, gaussian_posterior
 from scoreprior.scores import GaussianMixtureScore, GaussianScore
 from scoreprior.sde import SDE, VESDE, SubVPSDE, VPSDE, sde_from_config
@@ -19,7 +20,7 @@ __all__ = [
     "GaussianScore", "GaussianMixtureScore",
     "ScorePrior", "bits_per_dim", "SurrogatePrior", "GaussianPrior", "gaussian_posterior",
     "GaussianLikelihood", "NoiseCovariance", "DiagonalCovariance", "FourierDiagonalCovariance",
-    "UNet", "MLP", "build_net",
+    "UNet", "MLP", "build_net", "DPI",
     "NoisePredictionScore", "EMA", "TrainConfig", "TrainResult", "dsm_loss", "train_score_model",
     "save_checkpoint", "load_checkpoint", "load_prior",
 ]

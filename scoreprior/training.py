@@ -206,7 +206,7 @@ class TrainResult:
     ema: EMA = field(repr=False)
 
 
-def _atomic_save(obj: dict, path: Path) -> None:
+def atomic_save(obj: dict, path: Path) -> None:
     """torch.save to a temporary file in the target folder, then rename it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -260,7 +260,7 @@ def save_checkpoint(
         "provenance": provenance,
         "train_config": dataclasses.asdict(train_config) if train_config is not None else None,
     }
-    _atomic_save(checkpoint, path)
+    atomic_save(checkpoint, path)
     return path
 
 

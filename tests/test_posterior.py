@@ -1,0 +1,464 @@
+import math
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scoreprior.data import gaussian_field
+from scoreprior.density import ScorePrior
+from scoreprior.likelihood import GaussianLikelihood
+from scoreprior.operators import FourierSubsample, GaussianBlur
+from scoreprior.posterior import DPI
+from scoreprior.priors import GaussianPrior, gaussian_posterior
+from scoreprior.scores import GaussianScore
+from scoreprior.sde import VPSDE
+from scoreprior.surrogate import SurrogatePrior
+
+
+def _perturbed(dpi: DPI, seed: int, scale: float = 0.3) -> DPI:
+    """Move every parameter off its (identity) initialisation, so all layers act non-trivially."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in dpi.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return dpi
+
+
+def _gaussian_problem(h: int, w: int, operator, sigma: float, *, seed: int = 0):
+    """Anisotropic Gaussian prior on (1, h, w) images, a noisy measurement, the exact posterior mean and std."""
+    mean, cov = gaussian_field(h, w, length_scale=(1.5, 3.0), scale=0.3)
+    prior = GaussianPrior(mean, cov)
+    truth = prior.sample(1, generator=torch.Generator().manual_seed(seed))
+    clean = GaussianLikelihood(operator, operator.A(truth), sigma)
+    y = clean.sample(truth, generator=torch.Generator().manual_seed(seed + 1))
+    likelihood = GaussianLikelihood(operator, y, sigma)
+    post_mean, post_cov = gaussian_posterior(prior, likelihood)
+    return prior, likelihood, post_mean, post_cov.diagonal().sqrt().reshape(post_mean.shape)
+
+
+def _errors(dpi: DPI, post_mean, post_std, *, n: int = 4096) -> tuple[float, float, float]:
+    """(|m - m*| / |m*|, RMS of (m - m*) / s* over pixels, |s - s*| / |s*|) from n draws of the flow."""
+    m, s = dpi.posterior_stats(n=n, batch_size=1024, generator=torch.Generator().manual_seed(99))
+    m, s = m.double(), s.double()
+    return (((m - post_mean).norm() / post_mean.norm()).item(),
+            ((m - post_mean) / post_std).square().mean().sqrt().item(),
+            ((s - post_std).norm() / post_std.norm()).item())
+
+
+class _Recording:
+    """Wraps a prior or likelihood: counts log_prob calls; returns NaN in one entry on the calls in `nan_at`,
+    raises _Stop on call `stop_at`; optionally evaluates at x + 0.01 noise from the global RNG."""
+
+    def __init__(self, inner, *, nan_at=(), stop_at=None, global_noise=False):
+        self.inner, self.nan_at, self.stop_at, self.global_noise = inner, set(nan_at), stop_at, global_noise
+        self.event_shape = getattr(inner, "event_shape", None)
+        self.calls = 0
+
+    def validate(self, image_shape):
+        self.inner.validate(image_shape)
+
+    def log_prob(self, x):
+        call, self.calls = self.calls, self.calls + 1
+        if call == self.stop_at:
+            raise _Stop
+        if self.global_noise:
+            x = x + 0.01 * torch.randn_like(x)
+        lp = self.inner.log_prob(x)
+        if call in self.nan_at:
+            lp = lp.clone()
+            lp[0] = math.nan
+        return lp
+
+
+class _Stop(Exception):
+    pass
+
+
+class _NanGradient(torch.autograd.Function):
+    """log p = 0 with a NaN gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape = x.shape
+        return x.new_zeros(x.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full(ctx.shape, math.nan, dtype=grad.dtype)
+
+
+class _NanGradientPrior:
+    event_shape = None
+
+    def log_prob(self, x):
+        return _NanGradient.apply(x)
+
+
+@pytest.fixture(scope="module")
+def small_problem():
+    return _gaussian_problem(4, 4, GaussianBlur(1.0), 0.05)
+
+
+# --- flow correctness -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("positive", [False, True])
+def test_log_det_equals_exact_jacobian(positive):
+    """log |det dx/dz| of the whole flow (softplus included) against slogdet of the jacrev Jacobian, and
+    log q(x) = log N(z; 0, I) - log |det J| against the inverse-pass density."""
+    dpi = _perturbed(DPI((1, 2, 2), n_flows=3, hidden=8, positive=positive, dtype=torch.float64), seed=1)
+    z = torch.randn(4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x, log_det = dpi(z)
+    log_q = dpi.log_prob(x)
+    for zi, ld, lq in zip(z, log_det, log_q):
+        jac_log_det = torch.linalg.slogdet(torch.func.jacrev(lambda u: dpi(u[None])[0].reshape(-1))(zi))[1]
+        assert torch.allclose(ld, jac_log_det, rtol=0, atol=1e-10)
+        base = -0.5 * zi.square().sum() - 2 * math.log(2 * math.pi)
+        assert torch.allclose(lq, base - jac_log_det, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("positive", [False, True])
+def test_sample_log_q_equals_inverse_flow_density(positive):
+    """log q from the generative pass equals normflows' inverse-pass log_prob of the same draws."""
+    dpi = _perturbed(DPI((1, 4, 4), n_flows=2, hidden=16, positive=positive, dtype=torch.float64), seed=3)
+    x, log_q = dpi.sample(16, generator=torch.Generator().manual_seed(4))
+    assert x.shape == (16, 1, 4, 4) and log_q.shape == (16,)
+    assert torch.allclose(dpi.log_prob(x), log_q, rtol=0, atol=1e-9)
+    if positive:
+        assert (x > 0).all()
+        assert dpi.log_prob(x.clone().index_fill_(0, torch.tensor([0]), -1.0))[0] == -math.inf
+
+
+def test_initial_flow_is_the_scaled_base_gaussian():
+    """Zero-initialised couplings and identity ActNorms: q = N(0, c^2 I) at construction."""
+    c = 0.3
+    dpi = DPI((1, 3, 3), n_flows=2, init_scale=c, dtype=torch.float64)
+    x, log_q = dpi.sample(8, generator=torch.Generator().manual_seed(0))
+    d = 9
+    expected = -0.5 * (x / c).flatten(1).square().sum(1) - d * math.log(c) - 0.5 * d * math.log(2 * math.pi)
+    assert torch.allclose(log_q, expected, atol=1e-10)
+
+
+def test_initial_positive_flow_matches_softplus_change_of_variables():
+    """x = c softplus(z), z ~ N(0, I): log q(x) = log N(z) - sum log sigmoid(z) - d log c, z = softplus^-1(x / c);
+    c from the flux rule F / (0.8 d), so the initial mean flux is F within the Monte Carlo error."""
+    flux, d = 4.0, 16
+    dpi = DPI((1, 4, 4), n_flows=2, positive=True, flux=flux, dtype=torch.float64)
+    c = flux / (0.8 * d)
+    x, log_q = dpi.sample(4000, generator=torch.Generator().manual_seed(0))
+    z = torch.log(torch.expm1(x / c)).flatten(1)
+    expected = (-0.5 * z.square().sum(1) - 0.5 * d * math.log(2 * math.pi)
+                - F.logsigmoid(z).sum(1) - d * math.log(c))
+    assert torch.allclose(log_q, expected, atol=1e-8)
+    total = x.flatten(1).sum(1)
+    assert abs(total.mean().item() - flux * 0.80606 / 0.8) < 4 * total.std().item() / math.sqrt(4000)
+
+
+def test_construction_and_sampling_are_reproducible():
+    a, b = DPI((1, 4, 4), n_flows=2, seed=5), DPI((1, 4, 4), n_flows=2, seed=5)
+    other = DPI((1, 4, 4), n_flows=2, seed=6)
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key])
+    perms = [k for k in a.state_dict() if k.endswith(".perm")]
+    assert perms and any(not torch.equal(a.state_dict()[k], other.state_dict()[k]) for k in perms)
+    _perturbed(a, 0), _perturbed(b, 0)
+    before = {k: v.clone() for k, v in a.state_dict().items()}
+    x1, q1 = a.sample(5, generator=torch.Generator().manual_seed(1))
+    x2, q2 = b.sample(5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(x1, x2) and torch.equal(q1, q2)
+    assert all(torch.equal(v, a.state_dict()[k]) for k, v in before.items())  # sampling changes nothing
+
+
+def test_dtype_and_device_are_honoured():
+    dpi = DPI((2, 2, 3), n_flows=1, dtype=torch.float64, device="cpu")
+    x, log_q = dpi.sample(3)
+    assert x.shape == (3, 2, 2, 3) and x.dtype == log_q.dtype == torch.float64 and x.device.type == "cpu"
+    assert all(p.dtype == torch.float64 for p in dpi.parameters())
+
+
+def test_posterior_stats_of_the_initial_flow():
+    dpi = DPI((1, 4, 4), n_flows=1, init_scale=2.0)
+    mean, std = dpi.posterior_stats(n=5000, batch_size=700, generator=torch.Generator().manual_seed(0))
+    assert mean.shape == std.shape == (1, 4, 4)
+    assert mean.abs().max() < 4 * 2.0 / math.sqrt(5000)
+    assert (std / 2.0 - 1).abs().max() < 4 / math.sqrt(2 * 5000)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(n_flows=0), "n_flows"), (dict(hidden=-1), "hidden"), (dict(flux=-1.0), "flux"),
+    (dict(init_scale=0.0), "init_scale"),
+])
+def test_bad_constructor_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        DPI((1, 4, 4), **kwargs)
+
+
+def test_bad_image_shape():
+    with pytest.raises(ValueError, match="image_shape"):
+        DPI((1, 1, 1))
+    with pytest.raises((TypeError, ValueError), match="image_shape"):
+        DPI((1, 0, 4))
+
+
+# --- closed-form posterior --------------------------------------------------------------------------
+
+
+def test_fit_recovers_closed_form_posterior(small_problem):
+    """4x4, anisotropic Gaussian prior, blur + noise: q's mean and per-pixel std within 10% of the exact
+    posterior's (measured over 2 problems x 3 seeds: mean 0.5-1.0% of |m*| and 0.02-0.03 posterior stds
+    RMS, std 1.1-2.6% relative RMS; 300 steps, about 4 s)."""
+    prior, likelihood, post_mean, post_std = small_problem
+    dpi = DPI((1, 4, 4), n_flows=4, init_scale=0.1, seed=0)
+    history = dpi.fit(prior, likelihood, steps=300, batch_size=32, lr=1e-2, warmup=30, progress=False)
+    assert sum(history["skipped"]) == 0 and len(history["loss"]) == 300
+    assert history["loss"][-1] < history["loss"][0]
+    mean_rel, mean_z, std_rel = _errors(dpi, post_mean, post_std)
+    assert mean_rel < 0.1 and mean_z < 0.1 and std_rel < 0.1
+
+
+@pytest.mark.slow
+def test_fit_recovers_closed_form_posterior_16x16():
+    """16x16, lowest 8x8 Fourier coefficients with complex noise (Feng et al.'s deblurring): within 5%
+    (measured: mean 0.3% of |m*| and 0.014 posterior stds RMS, std 2.9% relative RMS; 3000 steps,
+    about 130 s on one shared CPU thread)."""
+    prior, likelihood, post_mean, post_std = _gaussian_problem(16, 16, FourierSubsample(8, image_size=(16, 16)), 0.5)
+    dpi = DPI((1, 16, 16), n_flows=8, hidden=128, init_scale=0.1, seed=0)
+    start = time.perf_counter()
+    dpi.fit(prior, likelihood, steps=3000, batch_size=64, lr=1e-2, warmup=100, progress=False)
+    elapsed = time.perf_counter() - start
+    mean_rel, mean_z, std_rel = _errors(dpi, post_mean, post_std, n=8192)
+    print(f"16x16: mean {mean_rel:.4f} rel, {mean_z:.4f} posterior stds RMS; std {std_rel:.4f} rel; {elapsed:.0f} s")
+    assert mean_rel < 0.05 and mean_z < 0.05 and std_rel < 0.05
+
+
+def test_path_gradient_vanishes_when_q_is_the_posterior():
+    """Initial q = N(0, c^2 I) = prior, data weight 0: the path gradient of the KL is exactly zero, so the
+    flow stays put; the plain reparameterisation gradient is zero only on average and moves it."""
+    c = 0.5
+    prior = GaussianPrior(torch.zeros(1, 3, 3, dtype=torch.float64), c**2 * torch.eye(9, dtype=torch.float64))
+    likelihood = GaussianLikelihood(GaussianBlur(1.0), torch.zeros(1, 1, 3, 3, dtype=torch.float64), 0.1)
+    moved = {}
+    for path_gradient in (True, False):
+        dpi = DPI((1, 3, 3), n_flows=2, hidden=8, init_scale=c, dtype=torch.float64)
+        before = [p.detach().clone() for p in dpi.parameters()]
+        dpi.fit(prior, likelihood, steps=5, batch_size=16, lr=1e-2, warmup=0, data_weight=0.0,
+                path_gradient=path_gradient, progress=False)
+        moved[path_gradient] = max((p - b).abs().max().item() for p, b in zip(dpi.parameters(), before))
+    assert moved[True] < 1e-8 and moved[False] > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["exact", "surrogate"])
+def test_fit_runs_with_score_based_priors(kind):
+    """The package's score priors plug in: a few steps on 2x2 images, finite terms, nothing skipped."""
+    mean, cov = gaussian_field(2, 2, scale=0.3)
+    sde = VPSDE()
+    score = GaussianScore(mean, cov, sde)
+    prior = (ScorePrior(score, sde, t0=1e-3, event_shape=(1, 2, 2)) if kind == "exact"
+             else SurrogatePrior(score, sde, event_shape=(1, 2, 2)))
+    likelihood = GaussianLikelihood(GaussianBlur(1.0), GaussianBlur(1.0).A(mean[None]), 0.1)
+    dpi = DPI((1, 2, 2), n_flows=1, init_scale=0.2, dtype=torch.float64)
+    history = dpi.fit(prior, likelihood, steps=2, batch_size=4, progress=False)
+    assert history["skipped"] == [0, 0]
+    assert all(math.isfinite(v) for key in ("loss", "nll", "neg_log_prior", "log_q") for v in history[key])
+
+
+# --- validation before training ---------------------------------------------------------------------
+
+
+def _spies(prior, likelihood):
+    return _Recording(prior), _Recording(likelihood)
+
+
+def test_y_shape_mismatch_raises_before_training(small_problem):
+    """y measured on 5x5 images, DPI over 4x4 ones: GaussianLikelihood.validate stops fit."""
+    prior, _, _, _ = small_problem
+    p, lik = _spies(prior, GaussianLikelihood(GaussianBlur(1.0), torch.zeros(1, 1, 5, 5), 0.05))
+    with pytest.raises(ValueError, match=r"y: expected .*\(1, 1, 4, 4\)"):
+        DPI((1, 4, 4), n_flows=1).fit(p, lik, steps=3, progress=False)
+    assert p.calls == lik.calls == 0
+
+
+def test_prior_shape_mismatch_raises_before_training(small_problem):
+    prior, likelihood, _, _ = small_problem
+    p, lik = _spies(prior, likelihood)
+    dpi = DPI((1, 2, 8), n_flows=1)
+    before = {k: v.clone() for k, v in dpi.state_dict().items()}
+    with pytest.raises(ValueError, match=r"event_shape \(1, 4, 4\).*image_shape \(1, 2, 8\)"):
+        dpi.fit(p, lik, steps=3, progress=False)
+    assert p.calls == lik.calls == 0
+    assert all(torch.equal(v, dpi.state_dict()[k]) for k, v in before.items())
+
+
+def test_bad_noise_and_measurement_are_rejected():
+    op = GaussianBlur(1.0)
+    with pytest.raises(ValueError, match="sigma"):
+        GaussianLikelihood(op, torch.zeros(1, 1, 4, 4), -0.1)
+    y = torch.zeros(1, 1, 4, 4)
+    y[0, 0, 1, 2] = math.nan
+    with pytest.raises(ValueError, match="y"):
+        GaussianLikelihood(op, y, 0.1)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(steps=0), "steps"), (dict(batch_size=0), "batch_size"), (dict(lr=-1.0), "lr"),
+    (dict(warmup=-1), "warmup"), (dict(schedule="linear"), "schedule"), (dict(grad_clip=0.0), "grad_clip"),
+    (dict(prior_weight=-1.0), "prior_weight"), (dict(data_weight=math.nan), "data_weight"),
+    (dict(checkpoint_every=0), "checkpoint_every"),
+])
+def test_bad_fit_arguments_raise_before_training(small_problem, kwargs, name):
+    prior, likelihood, _, _ = small_problem
+    p, lik = _spies(prior, likelihood)
+    with pytest.raises(ValueError, match=name):
+        DPI((1, 4, 4), n_flows=1).fit(p, lik, progress=False, **kwargs)
+    assert p.calls == lik.calls == 0
+
+
+def test_prior_without_log_prob_is_a_type_error(small_problem):
+    _, likelihood, _, _ = small_problem
+    with pytest.raises(TypeError, match="prior"):
+        DPI((1, 4, 4), n_flows=1).fit(object(), likelihood, steps=1, progress=False)
+
+
+def test_wrong_log_prob_shape_raises_without_updating(small_problem):
+    prior, likelihood, _, _ = small_problem
+
+    class Summed:
+        def log_prob(self, x):
+            return prior.log_prob(x).sum()
+
+    dpi = DPI((1, 4, 4), n_flows=1)
+    before = {k: v.clone() for k, v in dpi.state_dict().items()}
+    with pytest.raises(ValueError, match=r"prior: expected log_prob to return shape \(8,\)"):
+        dpi.fit(Summed(), likelihood, steps=2, batch_size=8, progress=False)
+    assert all(torch.equal(v, dpi.state_dict()[k]) for k, v in before.items())
+
+
+# --- NaN guard --------------------------------------------------------------------------------------
+
+
+def _fit(dpi, prior, likelihood, steps, **kwargs):
+    options = dict(batch_size=8, lr=1e-2, warmup=0, schedule="constant", progress=False)
+    return dpi.fit(prior, likelihood, steps=steps, **{**options, **kwargs})
+
+
+def test_nan_steps_are_skipped_and_leave_parameters_unchanged(small_problem):
+    prior, likelihood, _, _ = small_problem
+    clean = DPI((1, 4, 4), n_flows=2, hidden=16)
+    _fit(clean, prior, likelihood, 3)
+    flaky = DPI((1, 4, 4), n_flows=2, hidden=16)
+    history = _fit(flaky, _Recording(prior, nan_at={3}), likelihood, 4)
+    assert history["skipped"] == [0, 0, 0, 1]
+    assert math.isnan(history["loss"][3])
+    for key, value in clean.state_dict().items():
+        assert torch.equal(value, flaky.state_dict()[key])
+    history = _fit(DPI((1, 4, 4), n_flows=2, hidden=16), _Recording(prior, nan_at={1, 4, 5}), likelihood, 8)
+    assert history["skipped"] == [0, 1, 0, 0, 1, 1, 0, 0]
+    assert all(math.isfinite(v) for v, s in zip(history["loss"], history["skipped"]) if not s)
+
+
+def test_nan_gradient_is_skipped(small_problem):
+    _, likelihood, _, _ = small_problem
+    dpi = DPI((1, 4, 4), n_flows=1)
+    before = {k: v.clone() for k, v in dpi.state_dict().items()}
+    history = _fit(dpi, _NanGradientPrior(), likelihood, 3)
+    assert history["skipped"] == [1, 1, 1] and all(math.isfinite(v) for v in history["loss"])
+    assert all(torch.equal(v, dpi.state_dict()[k]) for k, v in before.items())
+
+
+def test_too_many_consecutive_failures_raise(small_problem):
+    prior, likelihood, _, _ = small_problem
+    always = _Recording(prior, nan_at=range(100))
+    with pytest.raises(RuntimeError, match="5 consecutive steps"):
+        _fit(DPI((1, 4, 4), n_flows=1), always, likelihood, 50, max_consecutive_skips=5)
+    assert always.calls == 5
+
+
+# --- checkpoints ------------------------------------------------------------------------------------
+
+
+def test_resumed_run_equals_uninterrupted_run(small_problem, tmp_path):
+    """Killed mid-run, restarted from its last checkpoint: identical weights and history, including a
+    prior that draws from the global RNG."""
+    prior, likelihood, _, _ = small_problem
+    options = dict(steps=10, batch_size=8, lr=1e-2, warmup=3, checkpoint_every=4, progress=False)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        straight = DPI((1, 4, 4), n_flows=2, hidden=16)
+        expected = straight.fit(_Recording(prior, global_noise=True), likelihood, **options)
+
+    path = tmp_path / "dpi.pt"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        with pytest.raises(_Stop):
+            DPI((1, 4, 4), n_flows=2, hidden=16).fit(_Recording(prior, stop_at=9, global_noise=True), likelihood,
+                                                     checkpoint=path, **options)
+        assert torch.load(path, weights_only=True)["step"] == 8
+        torch.manual_seed(12345)  # the checkpoint's RNG state must win over the current one
+        resumed = DPI((1, 4, 4), n_flows=2, hidden=16)
+        prior_after = _Recording(prior, global_noise=True)
+        history = resumed.fit(prior_after, likelihood, checkpoint=path, **options)
+
+    assert prior_after.calls == 2
+    assert history == expected
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dpi.pt"]  # no temporary files left behind
+    assert torch.load(path, weights_only=True)["step"] == 10
+
+
+def test_resume_false_starts_over(small_problem, tmp_path):
+    prior, likelihood, _, _ = small_problem
+    path = tmp_path / "dpi.pt"
+    _fit(DPI((1, 4, 4), n_flows=1), prior, likelihood, 4, checkpoint=path)
+    history = _fit(DPI((1, 4, 4), n_flows=1), prior, likelihood, 3, checkpoint=path, resume=False)
+    assert len(history["loss"]) == 3 and torch.load(path, weights_only=True)["step"] == 3
+
+
+def test_corrupted_checkpoint_names_the_file(small_problem, tmp_path):
+    prior, likelihood, _, _ = small_problem
+    path = tmp_path / "broken.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="broken.pt"):
+        _fit(DPI((1, 4, 4), n_flows=1), prior, likelihood, 2, checkpoint=path)
+    good = tmp_path / "good.pt"
+    _fit(DPI((1, 4, 4), n_flows=1), prior, likelihood, 2, checkpoint=good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated.pt"):
+        _fit(DPI((1, 4, 4), n_flows=1), prior, likelihood, 2, checkpoint=truncated)
+    with pytest.raises(ValueError, match="good.pt.*config"):
+        _fit(DPI((1, 4, 4), n_flows=2), prior, likelihood, 4, checkpoint=good)
+
+
+# --- flux and progress ------------------------------------------------------------------------------
+
+
+def test_flux_penalty_pulls_total_flux_to_target(small_problem):
+    """Prior (total flux about 8) times the soft constraint sum x = 6 of weight 1 / (2 (0.01 F)^2): q's
+    mean total flux moves to 6 (the constraint's std 0.06 is far below the prior's, about 4)."""
+    prior, likelihood, _, _ = small_problem
+    dpi = DPI((1, 4, 4), n_flows=2, positive=True, flux=6.0)
+    history = dpi.fit(prior, likelihood, steps=300, batch_size=32, lr=1e-2, warmup=10, data_weight=0.0,
+                      progress=False)
+    x, _ = dpi.sample(2000, generator=torch.Generator().manual_seed(0))
+    total = x.flatten(1).sum(1)
+    assert abs(total.mean().item() - 6.0) < 0.05 and total.std().item() < 0.1
+    assert history["flux_penalty"][-1] < history["flux_penalty"][0]
+
+
+def test_progress_bar_shows_the_loss_terms(small_problem, capsys):
+    prior, likelihood, _, _ = small_problem
+    DPI((1, 4, 4), n_flows=1).fit(prior, likelihood, steps=4, batch_size=4, progress=True, log_every=2)
+    err = capsys.readouterr().err
+    assert "nll=" in err and "neg_log_prior=" in err and "log_q=" in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_fit_on_cuda(small_problem):
+    prior, likelihood, _, _ = small_problem
+    dpi = DPI((1, 4, 4), n_flows=2, device="cuda")
+    history = _fit(dpi, prior, likelihood, 5, batch_size=16)
+    x, log_q = dpi.sample(3)
+    assert x.device.type == "cuda" and log_q.device.type == "cuda" and sum(history["skipped"]) == 0
