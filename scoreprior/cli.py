@@ -3,8 +3,9 @@
     scoreprior train --data gaussian-field --out prior.pt
     scoreprior logprob prior.pt images.npy --out logp.csv
     scoreprior demo --out scoreprior-demo
+    scoreprior posterior prior.pt --operator blur:1 --truth image.npy --sigma 0.1 --out posterior
 
-A thin layer over `scoreprior.training`, `scoreprior.density` and `scoreprior.data`.
+A thin layer over `scoreprior.training`, `scoreprior.density`, `scoreprior.posterior` and `scoreprior.data`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import csv
 import hashlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -24,9 +26,13 @@ from tqdm.auto import tqdm
 
 from scoreprior.data import DATASETS, builtin_dataset, gaussian_field, load_images
 from scoreprior.density import ScorePrior, bits_per_dim
+from scoreprior.likelihood import GaussianLikelihood
 from scoreprior.nets import UNet
+from scoreprior.operators import FourierMask, FourierSubsample, GaussianBlur, Identity, Inpainting, LinearOperator
+from scoreprior.posterior import DPI
 from scoreprior.scores import GaussianScore
 from scoreprior.sde import VESDE, SubVPSDE, VPSDE
+from scoreprior.surrogate import SurrogatePrior
 from scoreprior.training import TrainConfig, load_prior, train_score_model
 
 __all__ = ["main"]
@@ -248,6 +254,154 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+OPERATOR_SPECS = "identity, blur:SIGMA, fourier:K, inpaint:FRACTION, fourier-mask:FRACTION"
+
+
+def _parse_operator(spec: str) -> tuple[str, float | int | None]:
+    """'blur:1.5' -> ('blur', 1.5); ValueError naming --operator on anything else than OPERATOR_SPECS."""
+    kind, _, value = spec.partition(":")
+    fail = ValueError(f"--operator {spec!r}: expected one of {OPERATOR_SPECS}")
+    if kind == "identity":
+        if value:
+            raise fail
+        return kind, None
+    if kind not in ("blur", "fourier", "inpaint", "fourier-mask") or not value:
+        raise fail
+    try:
+        number = int(value) if kind == "fourier" else float(value)
+    except ValueError:
+        raise ValueError(f"--operator {spec!r}: expected {'an integer' if kind == 'fourier' else 'a number'} "
+                         f"after '{kind}:', got {value!r}") from None
+    if kind == "blur" and not (math.isfinite(number) and number > 0):
+        raise ValueError(f"--operator {spec!r}: expected a positive blur sigma in pixels, got {value}")
+    if kind == "fourier" and number < 1:
+        raise ValueError(f"--operator {spec!r}: expected a block size K >= 1, got {value}")
+    if kind in ("inpaint", "fourier-mask") and not 0 < number <= 1:
+        raise ValueError(f"--operator {spec!r}: expected a fraction of kept pixels in (0, 1], got {value}")
+    return kind, number
+
+
+def _random_mask(size: tuple[int, int], fraction: float, generator: torch.Generator) -> Tensor:
+    """(H, W) bool mask with round(fraction H W) (at least 1) entries True, chosen uniformly."""
+    h, w = size
+    kept = max(1, round(fraction * h * w))
+    mask = torch.zeros(h * w, dtype=torch.bool)
+    mask[torch.randperm(h * w, generator=generator)[:kept]] = True
+    return mask.reshape(h, w)
+
+
+def _build_operator(spec: str, image_shape: tuple[int, ...], generator: torch.Generator) -> LinearOperator:
+    """The operator of an --operator spec for (C, H, W) images; random masks are drawn from `generator`."""
+    kind, value = _parse_operator(spec)
+    size = tuple(image_shape[-2:])
+    try:
+        if kind == "identity":
+            return Identity()
+        if kind == "blur":
+            return GaussianBlur(value)
+        if kind == "fourier":
+            return FourierSubsample(value, image_size=size)
+        mask = _random_mask(size, value, generator)
+        return Inpainting(mask) if kind == "inpaint" else FourierMask(mask)
+    except ValueError as err:
+        raise ValueError(f"--operator {spec!r} for images of shape {tuple(image_shape)}: {err}") from None
+
+
+def _measurement(args: argparse.Namespace, operator: LinearOperator, image_shape: tuple[int, ...],
+                 truth: Tensor | None, generator: torch.Generator) -> GaussianLikelihood:
+    """The likelihood of the observed y: simulated from --truth, or read from --data (checked against A)."""
+    if truth is not None:
+        y = GaussianLikelihood(operator, operator.A(truth), args.sigma).sample(truth, generator=generator)
+        return GaussianLikelihood(operator, y, args.sigma)
+    path = Path(args.data)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data {path}: no such file")
+    array = np.load(path, allow_pickle=False)
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "iufc":
+        raise ValueError(f"--data {path}: expected one numeric array in an .npy file")
+    y = torch.from_numpy(np.ascontiguousarray(array))
+    y = y.to(torch.complex64) if y.is_complex() else y.float()
+    if tuple(y.shape) == tuple(operator.measurement_shape(image_shape)):
+        y = y.unsqueeze(0)
+    likelihood = GaussianLikelihood(operator, y, args.sigma)
+    try:
+        likelihood.validate(image_shape)
+    except ValueError as err:
+        raise ValueError(f"--data {path}: {err}") from None
+    return likelihood
+
+
+def _finite_or_none(values: list[float]) -> list[float | None]:
+    """JSON has no NaN: missing values (skipped steps) become null."""
+    return [v if math.isfinite(v) else None for v in values]
+
+
+def _posterior(args: argparse.Namespace) -> int:
+    from scoreprior import plots  # optional dependency, needed before the (long) fit, not by other commands
+
+    _parse_operator(args.operator)  # a bad spec fails before anything is loaded
+    if args.n_samples < 2:
+        raise ValueError(f"--n-samples: expected at least 2 draws for a standard deviation, got {args.n_samples}")
+    out = Path(args.out)
+    torch.manual_seed(args.seed)  # Hutchinson probes and the surrogate's times/noise use the global RNG
+    generator = torch.Generator().manual_seed(args.seed)
+
+    prior = load_prior(args.checkpoint, t0=args.t0)
+    image_shape = tuple(prior.event_shape)
+    truth = None
+    if args.truth is not None:
+        truth = load_images(args.truth)[:1]
+        if tuple(truth.shape[1:]) != image_shape:
+            raise ValueError(f"--truth {args.truth}: expected images of shape (N, {', '.join(map(str, image_shape))}) "
+                             f"for checkpoint {args.checkpoint}, got {tuple(truth.shape)}")
+    operator = _build_operator(args.operator, image_shape, generator)
+    likelihood = _measurement(args, operator, image_shape, truth, generator)
+
+    if args.prior == "exact":
+        log_prior = prior
+        prior_kwargs = dict(divergence="hutchinson", adjoint=True, rtol=1e-3, atol=1e-3)
+    else:
+        log_prior = SurrogatePrior(prior.score, prior.sde, t0=prior.t0, n_time_samples=4,
+                                   event_shape=image_shape)
+        prior_kwargs = None
+    dpi = DPI(image_shape, n_flows=args.n_flows, seed=args.seed)
+    print(f"fitting a DPI posterior ({args.n_flows} flow steps) for {operator!r}, sigma {args.sigma}, "
+          f"{args.prior} prior from {args.checkpoint}, {args.steps} steps of {args.batch_size} draws")
+    start = time.perf_counter()
+    history = dpi.fit(log_prior, likelihood, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                      warmup=min(args.warmup, args.steps), prior_kwargs=prior_kwargs,
+                      generator=torch.Generator().manual_seed(args.seed))
+    seconds = time.perf_counter() - start
+
+    with torch.no_grad():
+        samples, log_q = dpi.sample(args.n_samples, generator=torch.Generator().manual_seed(args.seed + 1))
+    mean, std = samples.mean(0), samples.std(0)
+    y = likelihood.y
+    if isinstance(operator, Identity):
+        measurement_image, label = y[0], "y"
+    else:
+        measurement_image, label = operator.A_adjoint(y)[0], "A^H y"
+
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = dict(samples=samples.numpy(), log_q=log_q.numpy(), mean=mean.numpy(), std=std.numpy(),
+                  y=y[0].numpy(), operator=np.array(args.operator), sigma=np.array(args.sigma))
+    if truth is not None:
+        arrays["truth"] = truth[0].numpy()
+    np.savez(out / "samples.npz", **arrays)
+    fig = plots.posterior_figure(truth=None if truth is None else truth[0], measurement_image=measurement_image,
+                                 measurement_label=label, mean=mean, std=std, samples=samples)
+    fig.savefig(out / "posterior.png", dpi=120)
+    (out / "history.json").write_text(json.dumps({key: _finite_or_none(values) for key, values in history.items()}))
+
+    skipped = int(sum(history["skipped"]))
+    print(f"done in {seconds:.1f} s: final loss {history['loss'][-1]:.4g} nats, {skipped} skipped steps")
+    if truth is not None:
+        rmse = (mean - truth[0]).square().mean().sqrt().item()
+        print(f"posterior mean RMSE to the truth {rmse:.4g}, mean posterior std {std.mean().item():.4g}")
+    print(f"wrote {out / 'samples.npz'}, {out / 'posterior.png'} and {out / 'history.json'}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scoreprior", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -302,6 +456,34 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a short run on 8x8 images, well under 30 s")
     demo.add_argument("--seed", type=int, default=0, help="seeds data, network and training")
     demo.set_defaults(run=_demo)
+
+    posterior = sub.add_parser("posterior", help="fit a DPI variational posterior p(x | y) under a trained prior",
+                               description="Fit a normalizing-flow posterior (Deep Probabilistic Imaging) to a "
+                                           "measurement y = A x + noise under a trained score prior; write "
+                                           "samples.npz, posterior.png and history.json into --out.",
+                               formatter_class=defaults)
+    posterior.add_argument("checkpoint", help="checkpoint written by `scoreprior train`")
+    posterior.add_argument("--operator", required=True,
+                           help=f"forward model A, one of {OPERATOR_SPECS} (random masks seeded by --seed; "
+                                "fourier-mask masks are in fft2 order)")
+    source = posterior.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help=".npy measurement y, shape A(x) with or without the batch axis of 1; "
+                                       "complex for Fourier operators")
+    source.add_argument("--truth", help="image file (.npy/.npz); y is simulated from its first image")
+    posterior.add_argument("--sigma", type=float, required=True, help="noise std per measurement, units of y")
+    posterior.add_argument("--out", required=True, help="output folder")
+    posterior.add_argument("--prior", choices=("surrogate", "exact"), default="surrogate",
+                           help="log p(x) by the ELBO surrogate (fast) or the probability-flow ODE "
+                                "(Hutchinson, adjoint, tolerances 1e-3)")
+    posterior.add_argument("--t0", type=float, default=1e-3, help="smallest diffusion time of the prior")
+    posterior.add_argument("--steps", type=int, default=500, help="optimiser steps")
+    posterior.add_argument("--batch-size", type=int, default=32, help="flow draws per step")
+    posterior.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    posterior.add_argument("--warmup", type=int, default=100, help="steps of linear learning-rate warm-up")
+    posterior.add_argument("--n-flows", type=int, default=16, help="flow steps of the RealNVP posterior")
+    posterior.add_argument("--n-samples", type=int, default=256, help="posterior draws written and summarised")
+    posterior.add_argument("--seed", type=int, default=0, help="seeds masks, simulated noise, flow and draws")
+    posterior.set_defaults(run=_posterior)
     return parser
 
 
@@ -310,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"scoreprior {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import pytest
 
 from scoreprior import eht
 
-SHARED = Path("/work/shared/data/eht")
+# ../shared beside the checkout (as laid out for CI), or SCOREPRIOR_SHARED_DATA pointing at shared/data.
+SHARED = Path(os.environ.get("SCOREPRIOR_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "eht"
 UVFITS = SHARED / "hops_lo_3601_M87+zbl-dtcal_selfcal.uvfits"
 M87 = dict(ra_hours=12.5137, dec_deg=12.3911, mjd=57854)
 LAMBDA_230 = eht.SPEED_OF_LIGHT / 230e9
