@@ -323,8 +323,8 @@ def _measurement(args: argparse.Namespace, operator: LinearOperator, image_shape
     y = y.to(torch.complex64) if y.is_complex() else y.float()
     if tuple(y.shape) == tuple(operator.measurement_shape(image_shape)):
         y = y.unsqueeze(0)
-    likelihood = GaussianLikelihood(operator, y, args.sigma)
     try:
+        likelihood = GaussianLikelihood(operator, y, args.sigma)
         likelihood.validate(image_shape)
     except ValueError as err:
         raise ValueError(f"--data {path}: {err}") from None

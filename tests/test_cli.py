@@ -77,3 +77,43 @@ def test_quick_demo_writes_its_metrics(tmp_path, capsys):
     for row in metrics["images"]:
         assert math.isfinite(row["true"]) and math.isfinite(row["hutchinson"]) and math.isfinite(row["exact"])
     assert load_checkpoint(tmp_path / "prior.pt")["step"] == 100
+
+
+def test_posterior_fits_and_writes_samples_figure_and_history(tmp_path, capsys):
+    ckpt = tmp_path / "prior.pt"
+    assert main(["train", "--data", "gaussian-field", "--out", str(ckpt), "--steps", "3", *SMALL]) == 0
+    truth = builtin_dataset("gaussian-field", 1, size=8, generator=torch.Generator().manual_seed(2))
+    np.save(tmp_path / "x.npy", truth[:, 0].numpy())
+    out = tmp_path / "posterior"
+    fit = ["--sigma", "0.1", "--steps", "20", "--batch-size", "4", "--n-flows", "2", "--warmup", "5",
+           "--n-samples", "8"]
+    assert main(["posterior", str(ckpt), "--operator", "blur:1", "--truth", str(tmp_path / "x.npy"),
+                 "--out", str(out), *fit]) == 0
+    assert str(out / "samples.npz") in capsys.readouterr().out
+    result = np.load(out / "samples.npz")
+    assert result["samples"].shape == (8, 1, 8, 8) and np.isfinite(result["samples"]).all()
+    assert result["log_q"].shape == (8,) and np.isfinite(result["log_q"]).all()
+    assert result["mean"].shape == result["std"].shape == result["truth"].shape == (1, 8, 8)
+    np.testing.assert_allclose(result["truth"], truth[0].numpy())
+    assert (out / "posterior.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    history = json.loads((out / "history.json").read_text())
+    assert len(history["loss"]) == 20
+
+    # The simulated y, read back with --data under a Fourier operator, must be complex and A(x)-shaped.
+    assert main(["posterior", str(ckpt), "--operator", "fourier:4", "--truth", str(tmp_path / "x.npy"),
+                 "--out", str(tmp_path / "f"), *fit[:4]]) == 0
+    y = np.load(tmp_path / "f" / "samples.npz")["y"]
+    assert y.shape == (1, 4, 4) and np.iscomplexobj(y)
+    np.save(tmp_path / "y.npy", y)
+    assert main(["posterior", str(ckpt), "--operator", "fourier:3", "--data", str(tmp_path / "y.npy"),
+                 "--out", str(tmp_path / "g"), *fit]) == 2
+    assert "--data" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec", ["bogus", "blur:x", "blur:-1", "inpaint:1.5", "fourier:0", "identity:2"])
+def test_posterior_rejects_a_bad_operator_spec(tmp_path, capsys, spec):
+    args = ["posterior", str(tmp_path / "missing.pt"), "--operator", spec, "--truth", "x.npy", "--sigma", "0.1",
+            "--out", str(tmp_path / "out")]
+    assert main(args) == 2
+    assert "--operator" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

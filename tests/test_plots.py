@@ -1,0 +1,66 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("matplotlib")
+from matplotlib.figure import Figure  # noqa: E402
+
+from scoreprior.plots import loss_figure, posterior_figure, sample_grid  # noqa: E402
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _samples(n: int, c: int = 1) -> torch.Tensor:
+    return torch.randn(n, c, 6, 6, generator=torch.Generator().manual_seed(0))
+
+
+def test_posterior_figure_has_a_panel_per_image_and_three_colour_bars(tmp_path):
+    samples = _samples(5)
+    mean, std = samples.mean(0), samples.std(0)
+    fig = posterior_figure(truth=samples[0], measurement_image=samples[1], mean=mean, std=std, samples=samples)
+    assert isinstance(fig, Figure)
+    # truth, A^H y, mean, std, 3 samples; colour bars beside A^H y, mean and std
+    assert len(fig.axes) == 7 + 3
+    titles = [ax.get_title() for ax in fig.axes]
+    assert "A^H y" in titles and "truth" in titles and "sample 3" in titles
+    path = tmp_path / "posterior.png"
+    fig.savefig(path)
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 1000
+
+
+def test_posterior_figure_without_truth_or_measurement():
+    samples = _samples(2).numpy()
+    fig = posterior_figure(mean=samples.mean(0), std=samples.std(0), samples=samples)
+    assert len(fig.axes) == (2 + 2) + 2  # mean, std, the 2 samples there are; 2 colour bars
+    with pytest.raises(ValueError, match="samples"):
+        posterior_figure(mean=samples[0], std=samples[0], samples=samples[0])
+
+
+def test_loss_figure_plots_the_loss_and_its_nonzero_terms():
+    steps = 30
+    history = {"loss": list(np.linspace(10, 1, steps)), "nll": [1.0] * steps, "neg_log_prior": [2.0] * steps,
+               "log_q": [-1.0] * (steps - 1) + [math.nan], "flux_penalty": [0.0] * steps, "skipped": [0] * steps}
+    fig = loss_figure(history)
+    assert isinstance(fig, Figure) and len(fig.axes) == 2
+    assert len(fig.axes[0].lines) == 1 and len(fig.axes[1].lines) == 3  # flux penalty, all zero, left out
+
+
+def test_sample_grid_has_one_axes_per_image():
+    fig = sample_grid(_samples(10), ncols=4)
+    assert isinstance(fig, Figure) and len(fig.axes) == 10
+    assert len(sample_grid(_samples(3, c=3), ncols=8).axes) == 3
+    with pytest.raises(ValueError, match="ncols"):
+        sample_grid(_samples(2), ncols=0)
+
+
+def test_missing_matplotlib_names_the_extra(monkeypatch):
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    monkeypatch.delitem(sys.modules, "scoreprior.plots")
+    with pytest.raises(ImportError, match=r"scoreprior\[plots\]"):
+        importlib.import_module("scoreprior.plots")
