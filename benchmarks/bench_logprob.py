@@ -100,24 +100,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--sizes", default="8,16,32", help="comma-separated image sizes")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--exact-solve-max", type=int, default=256, help="largest d with a full exact solve")
+    parser.add_argument("--exact-solve-max", type=int, default=64, help="largest d with a full exact solve")
     parser.add_argument("--t0", type=float, default=1e-3)
     parser.add_argument("--tol", type=float, default=1e-5)
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
 
-    rows = []
-    for size in (int(s) for s in args.sizes.split(",")):
-        rows.extend(bench_size(size, args.batch, args.repeats, args.exact_solve_max, args.t0, args.tol))
-
-    header = f"{'size':>6} {'divergence':>14} {'NFE':>5} {'s/image':>9} {'overhead':>9} {'exact eval/(d unit)':>20}"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
           f"batch {args.batch}, rtol=atol={args.tol}, t0={args.t0}")
-    print(header)
-    for r in rows:
-        fmt = lambda key, spec: format(r[key], spec) if key in r else "-"
-        print(f"{r['size']:>6} {r['divergence']:>14} {fmt('nfe', 'd'):>5} {fmt('s_per_image', '.3f'):>9} "
-              f"{fmt('overhead_ratio', '.2f'):>9} {fmt('exact_eval_in_d_units', '.3f'):>20}")
+    print(f"{'size':>6} {'divergence':>14} {'NFE':>5} {'s/image':>9} {'overhead':>9} {'exact eval/(d unit)':>20}",
+          flush=True)
+    rows = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        for r in bench_size(size, args.batch, args.repeats, args.exact_solve_max, args.t0, args.tol):
+            fmt = lambda key, spec: format(r[key], spec) if key in r else "-"
+            print(f"{r['size']:>6} {r['divergence']:>14} {fmt('nfe', 'd'):>5} {fmt('s_per_image', '.3f'):>9} "
+                  f"{fmt('overhead_ratio', '.2f'):>9} {fmt('exact_eval_in_d_units', '.3f'):>20}", flush=True)
+            rows.append(r)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "torch": torch.__version__, "rows": rows}, f, indent=2)

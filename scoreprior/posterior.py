@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from scoreprior.operators import _positive_float, _positive_int
-from scoreprior.training import atomic_save
+from scoreprior.training import atomic_save, read_checkpoint_file
 
 __all__ = ["DPI"]
 
@@ -463,12 +463,7 @@ class DPI(nn.Module):
         self, path: Path, optimizer: torch.optim.Optimizer, generator: torch.Generator
     ) -> tuple[int, dict[str, list[float]]]:
         """Restore weights, optimiser, RNG states from `path`; return (step, history). ValueError names the file."""
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(f"checkpoint: cannot read {str(path)!r} as a DPI checkpoint ({err})") from err
-        if not isinstance(state, dict) or state.get("format") != _CHECKPOINT_FORMAT:
-            raise ValueError(f"checkpoint: {str(path)!r} is not a DPI checkpoint ({_CHECKPOINT_FORMAT})")
+        state = read_checkpoint_file(path, _CHECKPOINT_FORMAT)
         if state["config"] != self._config():
             raise ValueError(f"checkpoint: {str(path)!r} was written by a flow with config {state['config']}, "
                              f"this one has {self._config()}")

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from scoreprior.density import ScorePrior
 from scoreprior.nets import build_net
-from scoreprior.sde import SDE, batch_times, sde_from_config
+from scoreprior.sde import SDE, batch_times, per_sample, sde_from_config
 
 __all__ = [
     "CHECKPOINT_VERSION",
@@ -68,7 +68,7 @@ class NoisePredictionScore(nn.Module):
         t = batch_times(t, x)
         _, s = self.sde.marginal(t)
         eps = self.net(x.to(dtype), t.to(dtype)).to(x.dtype)
-        return -eps / s.reshape(s.shape + (1,) * (x.ndim - 1))
+        return -eps / per_sample(s, x)
 
 
 def dsm_loss(
@@ -221,6 +221,17 @@ def atomic_save(obj: dict, path: Path) -> None:
         raise
 
 
+def read_checkpoint_file(path: Path, fmt: str) -> dict:
+    """torch.load a checkpoint dict (weights only) whose "format" entry is `fmt`; ValueError naming the file."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"checkpoint {path}: not a readable torch file ({type(err).__name__}: {err})") from err
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != fmt:
+        raise ValueError(f"checkpoint {path}: not a scoreprior checkpoint of format {fmt!r}")
+    return checkpoint
+
+
 def save_checkpoint(
     path: str | Path,
     net: nn.Module,
@@ -274,12 +285,7 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path}: no such file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"checkpoint {path}: not a readable torch file ({type(err).__name__}: {err})") from err
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint {path}: not a scoreprior checkpoint (no format {CHECKPOINT_FORMAT!r})")
+    checkpoint = read_checkpoint_file(path, CHECKPOINT_FORMAT)
     if checkpoint.get("version") != CHECKPOINT_VERSION:
         raise ValueError(
             f"checkpoint {path}: expected format version {CHECKPOINT_VERSION}, got {checkpoint.get('version')!r}"
