@@ -75,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--exact-steps", type=int, default=None, help="DPI steps with the exact ODE prior (default 600; quick 20)")
     p.add_argument("--exact-batch-size", type=int, default=None, help="batch with the exact ODE prior (default 16; quick 8)")
+    p.add_argument("--surrogate-time-samples", type=int, default=1,
+                   help="time samples per surrogate evaluation (default 1, Feng & Bouman's)")
     p.add_argument("--n-draws", type=int, default=None, help="flow draws for the statistics (default 8192; quick 2048)")
     args = p.parse_args(argv)
     quick = args.quick
@@ -105,7 +107,7 @@ def make_problem(size: int, k: int, seed: int):
     return prior, likelihood, truth[0], post_mean, post_std
 
 
-def make_prior(name: str, prior: GaussianPrior):
+def make_prior(name: str, prior: GaussianPrior, surrogate_time_samples: int = 1):
     """The DPI prior and the log_prob keyword arguments used in training."""
     if name == "gaussian":
         return prior, None
@@ -117,7 +119,7 @@ def make_prior(name: str, prior: GaussianPrior):
 
     if name == "exact":
         return ScorePrior(score, sde, t0=T0, terminal_log_prob=terminal), dict(EXACT_KWARGS)
-    return SurrogatePrior(score, sde, t0=T0, terminal_log_prob=terminal), None
+    return SurrogatePrior(score, sde, t0=T0, terminal_log_prob=terminal, n_time_samples=surrogate_time_samples), None
 
 
 def errors(m, s, post_mean, post_std) -> dict[str, float]:
@@ -129,7 +131,7 @@ def errors(m, s, post_mean, post_std) -> dict[str, float]:
 
 def run_one(name, prior, likelihood, post_mean, post_std, args):
     steps, batch = ((args.exact_steps, args.exact_batch_size) if name == "exact" else (args.steps, args.batch_size))
-    fit_prior, prior_kwargs = make_prior(name, prior)
+    fit_prior, prior_kwargs = make_prior(name, prior, args.surrogate_time_samples)
     torch.manual_seed(args.seed)  # the surrogate's times / noises and the Hutchinson probes use the global RNG
     dpi = DPI((1, args.size, args.size), n_flows=8, hidden=128, init_scale=0.1, seed=args.seed)
     start = time.perf_counter()
