@@ -136,8 +136,8 @@ class ScorePrior:
     sde: the forward SDE the score belongs to; t0: the smallest time, log p is that of p_{t0};
     event_shape: shape of one image, checked on input (read from `score.event_shape` when present);
     terminal_log_prob: callable x_T (B, *event_shape) -> (B,) replacing the SDE's reference density at T.
-    The prior is treated as fixed: gradients flow to x (and, without the adjoint, to any score
-    parameters that require grad).
+    Gradients flow to x and to any score parameters that require grad, with or without the adjoint;
+    without grad mode or an x that requires grad no graph is built.
     """
 
     def __init__(
