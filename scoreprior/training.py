@@ -331,8 +331,9 @@ def train_score_model(
     device: torch.device | str | None = None,
     progress: bool = True,
     provenance: str | None = None,
+    loss_fn: Callable[[nn.Module, Tensor, torch.Generator], Tensor] | None = None,
 ) -> TrainResult:
-    """Train a noise-prediction network by denoising score matching (`dsm_loss`), in place.
+    """Train a network by denoising score matching (`dsm_loss`, or `loss_fn`), in place.
 
     Adam with linear warm-up and gradient clipping; an EMA of the weights; batches drawn with
     replacement. One torch.Generator seeded with `config.seed` draws batch indices, times and noise,
@@ -344,7 +345,10 @@ def train_score_model(
     checkpoint: file written every `config.checkpoint_every` steps and at the end (None: never);
     resume: if `checkpoint` exists, continue from it (its net and SDE configs must match);
     device: where to train (default: the net's device); progress: show a tqdm bar with the loss;
-    provenance: free text recorded in the checkpoint, e.g. the data's source.
+    provenance: free text recorded in the checkpoint, e.g. the data's source;
+    loss_fn: loss_fn(net, x0, generator) -> scalar loss on a (batch_size, *event_shape) batch, drawing
+        its randomness from `generator` (default: dsm_loss(net, sde, x0, generator=generator)); `sde` is
+        still the one recorded in checkpoints.
 
     The net is left on `device`, in eval mode, holding the raw (non-averaged) weights.
     """
@@ -355,6 +359,9 @@ def train_score_model(
     device = torch.device(device) if device is not None else param.device
     net.to(device)
     data = data.to(device=device, dtype=param.dtype)
+    if loss_fn is None:
+        def loss_fn(net: nn.Module, x0: Tensor, generator: torch.Generator) -> Tensor:
+            return dsm_loss(net, sde, x0, generator=generator)
     event_shape = data.shape[1:]
     checkpoint = Path(checkpoint) if checkpoint is not None else None
 
@@ -379,7 +386,7 @@ def train_score_model(
         for group in optimizer.param_groups:
             group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup) if config.warmup else config.lr
         idx = torch.randint(data.shape[0], (config.batch_size,), generator=generator, device=device)
-        loss = dsm_loss(net, sde, data[idx], generator=generator)
+        loss = loss_fn(net, data[idx], generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip is not None:
