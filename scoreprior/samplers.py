@@ -4,7 +4,7 @@ All samplers take a score model `score(x, t) -> same shape as x` (t: (B,)), an `
 `(n, *event_shape)` samples in the dtype of the SDE's prior draw (`dtype` argument, default float32).
 Time runs backwards on a uniform grid t_0 = T > t_1 > ... > t_steps = t0.
 Every sampler checks the state after each step and raises FloatingPointError naming the step, the
-time and the guidance weight when it stops being finite.
+time and the guidance weight when it stops being finite or diverges (see `_Guard`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from scoreprior.likelihood import GaussianLikelihood
 from scoreprior.sde import SDE, per_sample
 
-__all__ = ["sample_prior", "dps", "score_ald"]
+__all__ = ["sample_prior", "dps", "score_ald", "sde_projection"]
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -32,13 +32,31 @@ def _check_options(n: int, steps: int, t0: float, sde: SDE) -> None:
         raise ValueError(f"t0: expected 0 < t0 < T = {sde.T}, got {t0!r}")
 
 
-def _check_finite(x: Tensor, name: str, step: int, total: int, t: float, weight: str) -> None:
-    if not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).sum())
-        raise FloatingPointError(
-            f"{name}: state became non-finite ({bad} NaN/inf entries) at step {step + 1}/{total}, "
-            f"t = {t:.4g}, with {weight}; lower the weight/step size or check the score model"
-        )
+class _Guard:
+    """Stops a sampler whose state stops being finite or blows up, naming the step, time and weight.
+
+    A state whose largest magnitude exceeds `factor` times that of the initial draw (at least 1) is
+    taken as diverged: no sampler of a normalised prior legitimately moves that far, and an unstable
+    linear recursion (Langevin with too large a step) reaches it long before overflowing to inf.
+    """
+
+    factor = 1e6
+
+    def __init__(self, name: str, x0: Tensor, total: int, weight: str) -> None:
+        self.name, self.total, self.weight = name, total, weight
+        self.limit = self.factor * max(1.0, float(x0.abs().max()))
+
+    def __call__(self, x: Tensor, step: int, t: float) -> None:
+        where = f"at step {step + 1}/{self.total}, t = {t:.4g}, with {self.weight}"
+        advice = "lower the weight/step size or check the score model"
+        if not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise FloatingPointError(f"{self.name}: state became non-finite ({bad} NaN/inf entries) {where}; "
+                                     f"{advice}")
+        largest = float(x.abs().max())
+        if largest > self.limit:
+            raise FloatingPointError(f"{self.name}: state diverged (max |x| = {largest:.3g} > {self.limit:.3g}, "
+                                     f"{self.factor:.0e} times the initial draw's) {where}; {advice}")
 
 
 def _time_grid(sde: SDE, steps: int, t0: float, dtype: torch.dtype, device: torch.device | None) -> Tensor:
@@ -83,6 +101,7 @@ def sample_prior(
     if method not in ("sde", "ode"):
         raise ValueError(f"method: expected 'sde' or 'ode', got {method!r}")
     x = sde.prior_sample((n, *event_shape), generator=generator, device=device, dtype=dtype)
+    guard = _Guard("sample_prior", x, steps, f"method={method!r}")
     ts = _time_grid(sde, steps, t0, x.dtype, x.device)
     for i in tqdm(range(steps), desc=f"sample_prior[{method}]", disable=not progress):
         t = ts[i].expand(n)
@@ -91,7 +110,7 @@ def sample_prior(
             s = score(x, t)
             z = None if method == "ode" else torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
             x = _em_step(sde, x, t, dt, s, z)
-        _check_finite(x, "sample_prior", i, steps, float(ts[i]), f"method={method!r}")
+        guard(x, i, float(ts[i]))
     return x
 
 
@@ -128,6 +147,7 @@ def dps(
     if not zeta >= 0:
         raise ValueError(f"zeta: expected a non-negative number, got {zeta!r}")
     x = sde.prior_sample((n, *event_shape), generator=generator, device=device, dtype=dtype)
+    guard = _Guard("dps", x, steps, f"zeta={zeta}")
     ts = _time_grid(sde, steps, t0, x.dtype, x.device)
     for i in tqdm(range(steps), desc="dps", disable=not progress):
         t = ts[i].expand(n)
@@ -142,7 +162,7 @@ def dps(
         with torch.no_grad():
             z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
             x = _em_step(sde, x.detach(), t, dt, s.detach(), z) - zeta * grad
-        _check_finite(x, "dps", i, steps, float(ts[i]), f"zeta={zeta}")
+        guard(x, i, float(ts[i]))
     return x.detach()
 
 
@@ -210,6 +230,7 @@ def score_ald(
     x = sde.prior_sample((n, *event_shape), generator=generator, device=device, dtype=dtype)
     y = likelihood.y.to(x.device)
     total = n_levels * steps_per_level
+    guard = _Guard("score_ald", x, total, f"lr={lr}, gamma={gamma}")
     for level in tqdm(range(n_levels), desc="score_ald", disable=not progress):
         tc = times[level].to(x.dtype)
         a_c = float(sde.marginal(times[level : level + 1])[0])
@@ -223,6 +244,103 @@ def score_ald(
                 lik = c * likelihood.operator.A_adjoint(r) / var
                 z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
                 x = x + eps * (score(x, t) + lik) + (2 * eps) ** 0.5 * z
-            _check_finite(x, "score_ald", level * steps_per_level + k, total, float(tc),
-                          f"lr={lr}, step size eps={eps:.3g}, gamma={gamma}")
+            guard(x, level * steps_per_level + k, float(tc))
+    return x
+
+
+def _least_squares(operator, r: Tensor, like: Tensor, *, iters: int, rtol: float = 1e-6) -> Tensor:
+    """A^+ r: the minimum-norm u minimising ||A u - r||, by conjugate gradients on A^H A u = A^H r.
+
+    Batched CG per sample, started at 0 (so the iterates stay in range(A^H) and converge to the
+    minimum-norm solution). For operators with A^H A a multiple of a projection (identity, masks,
+    DFT subsampling) one iteration is exact; for ill-conditioned A (blur) a few iterations act as a
+    regularised pseudo-inverse. r: (B, *measurement_shape); like: (B, C, H, W) -> (B, C, H, W).
+    """
+    rhs = operator.A_adjoint(r)
+    u = torch.zeros_like(like)
+    res, p = rhs.clone(), rhs.clone()
+    rr = res.flatten(1).square().sum(1)
+    stop = rtol**2 * rr
+    for _ in range(iters):
+        q = operator.A_normal(p)
+        pq = (p * q).flatten(1).sum(1)
+        alpha = torch.where(rr > stop, rr / pq.clamp_min(torch.finfo(pq.dtype).tiny), torch.zeros_like(rr))
+        u = u + per_sample(alpha, u) * p
+        res = res - per_sample(alpha, res) * q
+        rr_new = res.flatten(1).square().sum(1)
+        p = res + per_sample(rr_new / rr.clamp_min(torch.finfo(rr.dtype).tiny), p) * p
+        rr = rr_new
+    return u
+
+
+def sde_projection(
+    score: ScoreFn,
+    sde: SDE,
+    likelihood: GaussianLikelihood,
+    n: int,
+    event_shape: tuple[int, ...],
+    *,
+    lam: float = 1.0,
+    snr: float = 0.16,
+    n_corrector: int = 1,
+    steps: int = 500,
+    cg_iters: int = 1,
+    t0: float = 1e-3,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> Tensor:
+    """Reverse SDE with measurement projection (Song, Shen, Xing & Ermon, ICLR 2022).
+
+    At each time t_i of the grid T = t_0 > ... > t_steps = t0:
+        ŷ = a(t_i) y + s(t_i) A z                     (the measurement noised to level t_i, fresh z)
+        x ← x + λ A^+ (ŷ − A x)                       (move the measured components a fraction λ to ŷ)
+        x ← reverse-SDE Euler–Maruyama step to t_{i+1}  (predictor)
+        x ← x + ε s(x) + sqrt(2 ε) z', ε = 2 (snr ||z'|| / ||s(x)||)^2 per sample, `n_corrector` times
+                                                      (Langevin corrector at t_{i+1}, Song et al. 2021)
+    With A = P(Λ) T (a subsampled orthonormal transform) the projection step is the paper's
+    T^{-1}[λ Λ ŷ + (1 − λ) Λ T x + (I − Λ) T x]; for other operators A^+ is the least-squares
+    pseudo-inverse by `cg_iters` conjugate-gradient steps on A^H A (exact in one step for masks, the
+    identity and DFT subsampling). λ = 1 is a hard projection, λ < 1 a soft one that tolerates
+    measurement noise; the noise model of `likelihood` is not used (σ_y enters only through y).
+    With λ = 0 and snr = 0 the sampler is `sample_prior` (same draws from `generator`).
+
+    likelihood: y = A x + b with A acting on (B, *event_shape) images; lam: λ in [0, 1];
+    snr: corrector signal-to-noise ratio ≥ 0 (0: no corrector); n_corrector: corrector steps per time.
+    Returns (n, *event_shape) approximate posterior samples of x_t0.
+    """
+    _check_options(n, steps, t0, sde)
+    if not 0 <= lam <= 1:
+        raise ValueError(f"lam: expected a number in [0, 1], got {lam!r}")
+    if not snr >= 0:
+        raise ValueError(f"snr: expected a non-negative number, got {snr!r}")
+    for name, value in (("n_corrector", n_corrector), ("cg_iters", cg_iters)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
+    operator = likelihood.operator
+    x = sde.prior_sample((n, *event_shape), generator=generator, device=device, dtype=dtype)
+    y = likelihood.y.to(x.device)
+    ts = _time_grid(sde, steps, t0, x.dtype, x.device)
+    guard = _Guard("sde_projection", x, steps, f"lam={lam}, snr={snr}")
+
+    def noise() -> Tensor:
+        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+
+    for i in tqdm(range(steps), desc="sde_projection", disable=not progress):
+        t, t_next = ts[i].expand(n), ts[i + 1].expand(n)
+        dt = float(ts[i + 1] - ts[i])
+        with torch.no_grad():
+            if lam > 0:
+                a, s = sde.marginal(t)
+                y_t = per_sample(a, y) * y + per_sample(s, y) * operator.A(noise())
+                x = x + lam * _least_squares(operator, y_t - operator.A(x), x, iters=cg_iters)
+            x = _em_step(sde, x, t, dt, score(x, t), noise())
+            for _ in range(n_corrector if snr > 0 else 0):
+                g = score(x, t_next)
+                z = noise()
+                ratio = z.flatten(1).norm(dim=1) / g.flatten(1).norm(dim=1).clamp_min(torch.finfo(x.dtype).tiny)
+                eps = per_sample(2 * (snr * ratio) ** 2, x)
+                x = x + eps * g + (2 * eps).sqrt() * z
+        guard(x, i, float(ts[i]))
     return x
