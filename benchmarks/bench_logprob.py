@@ -17,13 +17,13 @@ Targets (issue 2): Hutchinson overhead <= 1.3; exact evaluation <= 1.5 d jvp-equ
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 
 import torch
 
+from common import write_json
 from scoreprior import GaussianScore, ScorePrior, VPSDE
 from scoreprior.data import gaussian_field, sample_gaussian
 from scoreprior.nets import UNet
@@ -117,10 +117,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"{r['size']:>6} {r['divergence']:>14} {fmt('nfe', 'd'):>5} {fmt('s_per_image', '.3f'):>9} "
                   f"{fmt('overhead_ratio', '.2f'):>9} {fmt('exact_eval_in_d_units', '.3f'):>20}", flush=True)
             rows.append(r)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "torch": torch.__version__, "rows": rows}, f, indent=2)
-        print(f"wrote {args.json}")
+    write_json(args.json, args, rows)
     return rows
 
 

@@ -4,7 +4,9 @@ from scoreprior.density import ScorePrior, bits_per_dim
 from scoreprior.likelihood import DiagonalCovariance, FourierDiagonalCovariance, GaussianLikelihood, NoiseCovariance
 from scoreprior.nets import MLP, UNet, build_net
 from scoreprior.posterior import DPI
+from scoreprior.pretrained import available_priors, pretrained
 from scoreprior.priors import GaussianPrior, gaussian_posterior
+from scoreprior.samplers import dps, sample_prior, score_ald, sde_projection
 from scoreprior.scores import GaussianMixtureScore, GaussianScore
 from scoreprior.sde import SDE, VESDE, SubVPSDE, VPSDE, sde_from_config
 from scoreprior.surrogate import SurrogatePrior
@@ -12,6 +14,7 @@ from scoreprior.training import (
     EMA, NoisePredictionScore, TrainConfig, TrainResult, dsm_loss, load_checkpoint, load_prior, save_checkpoint,
     train_score_model,
 )
+from scoreprior.ws import Haze, WhitenedScore, WSProcess, load_ws_model, sweep_lambda, ws_loss, ws_sample
 
 __version__ = "0.1.0"
 
@@ -22,5 +25,7 @@ __all__ = [
     "GaussianLikelihood", "NoiseCovariance", "DiagonalCovariance", "FourierDiagonalCovariance",
     "UNet", "MLP", "build_net", "DPI",
     "NoisePredictionScore", "EMA", "TrainConfig", "TrainResult", "dsm_loss", "train_score_model",
-    "save_checkpoint", "load_checkpoint", "load_prior",
+    "save_checkpoint", "load_checkpoint", "load_prior", "pretrained", "available_priors",
+    "sample_prior", "dps", "score_ald", "sde_projection",
+    "WSProcess", "WhitenedScore", "Haze", "ws_loss", "ws_sample", "sweep_lambda", "load_ws_model",
 ]

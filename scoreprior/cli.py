@@ -22,15 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from scoreprior.data import DATASETS, builtin_dataset, gaussian_field, load_images
 from scoreprior.density import ScorePrior, bits_per_dim
+from scoreprior.distributed import init_from_env, item_seed, map_sharded
 from scoreprior.likelihood import GaussianLikelihood
 from scoreprior.nets import UNet
 from scoreprior.operators import FourierMask, FourierSubsample, GaussianBlur, Identity, Inpainting, LinearOperator
 from scoreprior.posterior import DPI
-from scoreprior.scores import GaussianScore
 from scoreprior.sde import VESDE, SubVPSDE, VPSDE
 from scoreprior.surrogate import SurrogatePrior
 from scoreprior.training import TrainConfig, load_prior, train_score_model
@@ -74,12 +73,15 @@ def _train(args: argparse.Namespace) -> int:
     net = UNet(data.shape[1], channels=args.channels)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                          seed=args.seed, checkpoint_every=args.checkpoint_every)
-    print(f"training a U-Net {list(args.channels)} on {tuple(data.shape)} images ({provenance}), "
-          f"{args.sde} SDE, {args.steps} steps")
-    result = train_score_model(net, _SDES[args.sde](), data, config, checkpoint=out, resume=args.resume,
-                               device=args.device, provenance=provenance)
-    print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, {result.wall_time:.1f} s")
-    print(f"wrote checkpoint {out}")
+    with init_from_env(args.device) as process:  # under torchrun: DDP, batch_size images per process
+        if process.rank == 0:
+            print(f"training a U-Net {list(args.channels)} on {tuple(data.shape)} images ({provenance}), "
+                  f"{args.sde} SDE, {args.steps} steps, {process.world} process(es)")
+        result = train_score_model(net, _SDES[args.sde](), data, config, checkpoint=out, resume=args.resume,
+                                   device=process.device, provenance=provenance)
+    if process.rank == 0:
+        print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, {result.wall_time:.1f} s")
+        print(f"wrote checkpoint {out}")
     return 0
 
 
@@ -91,15 +93,26 @@ def _log_probs(
     desc: str,
     generator: torch.Generator | None = None,
     **options,
-) -> tuple[Tensor, list[int]]:
-    """log p of every image in batches under a progress bar; returns (N,) nats and the NFE per batch."""
-    values, nfes = [], []
-    for start in tqdm(range(0, images.shape[0], batch_size), desc=desc, dynamic_ncols=True):
-        logp, stats = prior.log_prob(images[start:start + batch_size], generator=generator,
+) -> tuple[Tensor, list[int]] | tuple[None, None]:
+    """log p of every image in batches, the batches split across the ranks of a process group if any.
+
+    The Hutchinson probes of the batch starting at image i come from a generator seeded with
+    item_seed(generator.initial_seed(), i): they depend on the batch's position only, not on the rank
+    or the batches before it, so any number of processes gives the same values.
+    Returns, on rank 0, (N,) nats on the CPU and the NFE per batch; (None, None) on the other ranks.
+    """
+    def one_batch(start: int) -> tuple[Tensor, int]:
+        probes = None
+        if generator is not None:
+            probes = torch.Generator(device=images.device).manual_seed(item_seed(generator.initial_seed(), start))
+        logp, stats = prior.log_prob(images[start:start + batch_size], generator=probes,
                                      return_stats=True, **options)
-        values.append(logp.detach())
-        nfes.append(stats["nfe"])
-    return torch.cat(values), nfes
+        return logp.detach().cpu(), stats["nfe"]
+
+    batches = map_sharded(one_batch, range(0, images.shape[0], batch_size), desc=desc)
+    if batches is None:
+        return None, None
+    return torch.cat([logp for logp, _ in batches]), [nfe for _, nfe in batches]
 
 
 def _write_table(path: Path, rows: list[dict], meta: dict) -> None:
@@ -118,15 +131,19 @@ def _logprob(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix not in (".csv", ".json"):
         raise ValueError(f"--out {out}: expected a .csv or .json file name")
-    prior = load_prior(args.checkpoint, t0=args.t0, device=args.device, use_ema=not args.no_ema)
-    images = load_images(args.images).to(args.device)
-    if images.shape[1:] != prior.event_shape:
-        raise ValueError(f"{args.images}: expected images of shape (N, {', '.join(map(str, prior.event_shape))}) "
-                         f"for checkpoint {args.checkpoint}, got {tuple(images.shape)}")
-    options = dict(divergence=args.divergence, n_probes=args.n_probes, rtol=args.rtol, atol=args.atol)
-    generator = torch.Generator(device=images.device).manual_seed(args.seed)
-    logp, nfes = _log_probs(prior, images, batch_size=args.batch_size, desc="log p", generator=generator,
-                            **options)
+    with init_from_env(args.device) as process:
+        prior = load_prior(args.checkpoint, t0=args.t0, device=process.device, use_ema=not args.no_ema)
+        images = load_images(args.images).to(process.device)
+        if images.shape[1:] != prior.event_shape:
+            shape = ", ".join(map(str, prior.event_shape))
+            raise ValueError(f"{args.images}: expected images of shape (N, {shape}) for checkpoint "
+                             f"{args.checkpoint}, got {tuple(images.shape)}")
+        options = dict(divergence=args.divergence, n_probes=args.n_probes, rtol=args.rtol, atol=args.atol)
+        generator = torch.Generator(device=images.device).manual_seed(args.seed)
+        logp, nfes = _log_probs(prior, images, batch_size=args.batch_size, desc="log p", generator=generator,
+                                **options)
+    if process.rank != 0:
+        return 0
     bpd = bits_per_dim(logp, images[0].numel())
     rows = [{"index": i, "log_prob_nats": lp, "bits_per_dim": b}
             for i, (lp, b) in enumerate(zip(logp.tolist(), bpd.tolist()))]
@@ -139,118 +156,13 @@ def _logprob(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pearson(a: Tensor, b: Tensor) -> float:
-    return float(np.corrcoef(a.double().numpy(), b.double().numpy())[0, 1])
-
-
-def _checkerboard(size: int, amplitude: float = 0.2) -> Tensor:
-    """(1, 1, size, size) checkerboard 0.5 +- amplitude."""
-    idx = torch.arange(size)
-    board = 0.5 + amplitude * (1 - 2 * ((idx[:, None] + idx[None, :]) % 2))
-    return board.float().reshape(1, 1, size, size)
-
-
-def _demo_images(
-    n_train: int, n_held: int, n_shuffled: int, size: int, generator: torch.Generator
-) -> tuple[Tensor, Tensor, list[str]]:
-    """Training fields, and test images: held-out fields, pixel-shuffled fields, a checkerboard."""
-    images = builtin_dataset("gaussian-field", n_train + n_held, size=size, generator=generator)
-    data, held = images[:n_train], images[n_train:]
-    shuffled = [held[i].reshape(-1)[torch.randperm(size * size, generator=generator)].reshape(held[i].shape)
-                for i in range(n_shuffled)]
-    test = torch.cat([held, torch.stack(shuffled), _checkerboard(size)])
-    kinds = ["held-out"] * n_held + ["shuffled"] * n_shuffled + ["checkerboard"]
-    return data, test, kinds
-
-
-def _print_demo_table(rows: list[dict]) -> None:
-    print(f"{'#':>3} {'image':<13} {'true':>9} {'exact':>9} {'hutchinson':>11} {'exact-true':>11}")
-    for row in rows:
-        missing = row["exact"] is None
-        exact = f"{'-':>9}" if missing else f"{row['exact']:>9.2f}"
-        diff = f"{'-':>11}" if missing else f"{row['exact'] - row['true']:>11.2f}"
-        print(f"{row['index']:>3} {row['kind']:<13} {row['true']:>9.2f} {exact} {row['hutchinson']:>11.2f} {diff}")
-
-
 def _demo(args: argparse.Namespace) -> int:
-    # Sizes tuned so that the full demo takes about two minutes on two CPU cores and --quick well
-    # under 30 s. The exact divergence costs d = H W backward passes per ODE step and image, so it
-    # runs on a subset (the first held-out images, one shuffled image, the checkerboard); Hutchinson
-    # runs on every image.
-    quick = args.quick
-    size = 8 if quick else 16
-    steps = args.steps if args.steps is not None else (200 if quick else 1200)
-    n_train, n_held, n_shuffled = 2048, (6 if quick else 12), (1 if quick else 2)
-    n_exact_held = n_held if quick else 2
-    t0, sde, tol, n_probes = 1e-3, VPSDE(), dict(rtol=1e-3, atol=1e-3), 16
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    from scoreprior.demo import DemoConfig, run_demo
 
-    data, test, kinds = _demo_images(n_train, n_held, n_shuffled, size, torch.Generator().manual_seed(args.seed))
-    held_idx = list(range(n_held))
-    exact_idx = list(range(n_exact_held)) + [n_held, len(kinds) - 1]
-
-    torch.manual_seed(args.seed)
-    # A low Fourier scale keeps the network smooth in t, so the ODE solver needs about half the steps.
-    net = UNet(1, channels=(16, 32), fourier_scale=1.0)
-    checkpoint = out / "prior.pt"
-    config = TrainConfig(steps=steps, batch_size=32, lr=2e-3, warmup=50, ema_decay=0.995, seed=args.seed)
-    print(f"demo: training a U-Net prior on {n_train} gaussian-field {size}x{size} images, VP SDE, {steps} steps")
-    result = train_score_model(net, sde, data, config, checkpoint=checkpoint, resume=False,
-                               provenance=f"builtin:gaussian-field n={n_train} size={size} seed={args.seed}")
-    seconds = {"training": time.perf_counter() - start}
-
-    prior = load_prior(checkpoint, t0=t0)
-    true = GaussianScore(*gaussian_field(size, size), sde).log_prob_t(test.double(), t0).float()
-    tick = time.perf_counter()
-    hutchinson, nfe_hutchinson = _log_probs(prior, test, batch_size=len(test), desc="log p (hutchinson)",
-                                            generator=torch.Generator().manual_seed(args.seed),
-                                            divergence="hutchinson", n_probes=n_probes, **tol)
-    seconds["hutchinson"], tick = time.perf_counter() - tick, time.perf_counter()
-    exact, nfe_exact = _log_probs(prior, test[exact_idx], batch_size=1, desc="log p (exact)",
-                                  divergence="exact", **tol)
-    seconds["exact"] = time.perf_counter() - tick
-
-    exact_held = [j for j, i in enumerate(exact_idx) if i < n_held]
-    subsets = {
-        "hutchinson, all images": (hutchinson, true),
-        "hutchinson, held-out": (hutchinson[held_idx], true[held_idx]),
-        "exact, all images": (exact, true[exact_idx]),
-        "exact, held-out": (exact[exact_held], true[exact_idx][exact_held]),
-    }
-    correlations = {name: {"pearson": _pearson(a, b), "n": len(a)} for name, (a, b) in subsets.items() if len(a) > 3}
-    exact_of = dict(zip(exact_idx, exact.tolist()))
-    rows = [{"index": i, "kind": kind, "true": true[i].item(), "hutchinson": hutchinson[i].item(),
-             "exact": exact_of.get(i)} for i, kind in enumerate(kinds)]
-    lowest_held, highest_ood = hutchinson[held_idx].min().item(), hutchinson[n_held:].max().item()
-
-    print(f"\nlog p_t0(x) in nats, t0 = {t0}, {size}x{size} images: the trained network (probability-flow ODE, "
-          f"exact divergence and Hutchinson with {n_probes} probes) vs the closed form")
-    _print_demo_table(rows)
-    print("Pearson correlation with the true log p: "
-          + "; ".join(f"{name} ({c['n']}) {c['pearson']:.3f}" for name, c in correlations.items()))
-    print(f"lowest held-out log p {lowest_held:.2f}, highest out-of-distribution {highest_ood:.2f} (hutchinson): "
-          + ("every out-of-distribution image ranks below every held-out one" if highest_ood < lowest_held
-             else "the rankings overlap"))
-    seconds["total"] = time.perf_counter() - start
-    print(f"time: training {seconds['training']:.1f} s, log p hutchinson {seconds['hutchinson']:.1f} s "
-          f"({len(test)} images), exact {seconds['exact']:.1f} s ({len(exact_idx)} images), "
-          f"total {seconds['total']:.1f} s")
-
-    metrics = {
-        "config": {"size": size, "sde": sde.config(), "t0": t0, "steps": steps, "n_train": n_train,
-                   "n_probes": n_probes, "seed": args.seed, "quick": quick, "net": net.config(), **tol},
-        "final_loss": result.final_loss,
-        "seconds": seconds,
-        "nfe": {"hutchinson": nfe_hutchinson, "exact": nfe_exact},
-        "correlation": correlations,
-        "lowest_held_out_log_prob": lowest_held,
-        "highest_out_of_distribution_log_prob": highest_ood,
-        "images": rows,
-    }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(f"wrote {out / 'metrics.json'} and the checkpoint {checkpoint}")
+    config = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)
+    if args.steps is not None:
+        config.steps = args.steps
+    run_demo(args.out, config)
     return 0
 
 
@@ -402,6 +314,55 @@ def _posterior(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from scoreprior.calibration import DPIPosterior, ExactGaussianPosterior, run_calibration, write_report
+    from scoreprior.priors import GaussianPrior
+
+    _parse_operator(args.operator)  # a bad spec fails before anything is loaded
+    for name in ("n_problems", "n_samples"):
+        if getattr(args, name) < 2:
+            raise ValueError(f"--{name.replace('_', '-')}: expected at least 2, got {getattr(args, name)}")
+    if args.prior == "gaussian":
+        image_shape = (1, args.size, args.size)
+        truth_prior = log_prior = GaussianPrior(*gaussian_field(args.size, args.size))
+    else:
+        if args.method == "exact":
+            raise ValueError("--method exact: the exact posterior needs the prior 'gaussian', not a checkpoint")
+        score_prior = load_prior(args.prior, t0=args.t0)
+        image_shape = tuple(score_prior.event_shape)
+        if image_shape[0] != 1:
+            raise ValueError(f"{args.prior}: expected a prior of grey images (1, H, W), got {image_shape}")
+        truth_prior = GaussianPrior(*gaussian_field(image_shape[1], image_shape[2]))
+        log_prior = SurrogatePrior(score_prior.score, score_prior.sde, t0=score_prior.t0, n_time_samples=4,
+                                   event_shape=image_shape)
+    operator = _build_operator(args.operator, image_shape, torch.Generator().manual_seed(args.seed))
+    if args.method == "exact":
+        posterior = ExactGaussianPosterior(truth_prior, cov_scale=args.cov_scale)
+    else:
+        posterior = DPIPosterior(log_prior, image_shape, steps=args.dpi_steps)
+    indices = range(args.first, args.first + args.n_problems)
+    with init_from_env("cpu") as process:  # under torchrun the problems are split across the processes
+        if process.rank == 0:
+            print(f"calibrating the {args.method} posterior of the {args.prior} prior on {args.n_problems} "
+                  f"problems (indices {indices.start}..{indices.stop - 1}, seed {args.seed}), {operator!r}, "
+                  f"sigma {args.sigma}, {process.world} process(es)")
+        run = run_calibration(indices, seed=args.seed, truth_prior=truth_prior, operator=operator,
+                              sigma=args.sigma, posterior=posterior, n_samples=args.n_samples, progress=True)
+    if process.rank != 0:
+        return 0
+    out = Path(args.out)
+    extra = {"prior": args.prior, "method": args.method, "operator": args.operator, "sigma": args.sigma,
+             "seed": args.seed, "indices": [indices.start, indices.stop], "truths": "gaussian_field defaults"}
+    metrics, paths = write_report(out, {args.method: run}, seed=args.seed, extra=extra)
+    np.savez(out / "samples.npz", samples=run["samples"].numpy(), truths=run["truth"].numpy(),
+             log_q=run["log_q"].numpy())
+    result = metrics["results"][args.method]
+    print(f"ETI coverage at levels {result['levels']}: {[round(c, 3) for c in result['coverage_eti']]}")
+    print(f"TARP ATC {result['tarp']['atc']:+.4f}; SBC p-values {result['sbc']['pvalues']}")
+    print("wrote " + ", ".join(str(p) for p in [*paths, out / "samples.npz"]))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scoreprior", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -444,17 +405,17 @@ def _parser() -> argparse.ArgumentParser:
     logprob.add_argument("--device", default="cpu", help="torch device to run on")
     logprob.set_defaults(run=_logprob)
 
-    demo = sub.add_parser("demo", help="train a small prior on Gaussian fields and check its log p "
-                                       "against the closed form",
-                          description="Train a small U-Net prior on gaussian-field images (VP SDE), compute "
-                                      "log p of held-out and out-of-distribution images by the probability-flow "
-                                      "ODE, and compare with the closed-form log p. About two minutes on two "
+    demo = sub.add_parser("demo", help="image a simulated EHT observation of a black hole with the shipped prior",
+                          description="With the shipped blackhole-32 score prior, simulate an EHT 2017 observation "
+                                      "of a held-apart crescent at M87's coordinates, fit the DPI posterior with "
+                                      "the surrogate prior, check posterior draws with the exact ODE log-density, "
+                                      "and write report.png, samples.nc and metrics.json. A few minutes on two "
                                       "CPU cores.",
                           formatter_class=defaults)
     demo.add_argument("--out", default="scoreprior-demo", help="output folder")
-    demo.add_argument("--steps", type=int, default=None, help="training steps (default 1200, --quick 200)")
-    demo.add_argument("--quick", action="store_true", help="a short run on 8x8 images, well under 30 s")
-    demo.add_argument("--seed", type=int, default=0, help="seeds data, network and training")
+    demo.add_argument("--steps", type=int, default=None, help="DPI steps (default 1200, --quick 60)")
+    demo.add_argument("--quick", action="store_true", help="a smoke test of the whole pipeline, unconverged")
+    demo.add_argument("--seed", type=int, default=0, help="seeds the truth, the noise, the flow and the draws")
     demo.set_defaults(run=_demo)
 
     posterior = sub.add_parser("posterior", help="fit a DPI variational posterior p(x | y) under a trained prior",
@@ -484,6 +445,32 @@ def _parser() -> argparse.ArgumentParser:
     posterior.add_argument("--n-samples", type=int, default=256, help="posterior draws written and summarised")
     posterior.add_argument("--seed", type=int, default=0, help="seeds masks, simulated noise, flow and draws")
     posterior.set_defaults(run=_posterior)
+
+    calibrate = sub.add_parser("calibrate", help="coverage, SBC and TARP of a posterior over many simulated problems",
+                               description="Simulate problems (truth from the gaussian-field model of the image "
+                                           "size, y = A x + noise), draw the posterior of each (exact Gaussian "
+                                           "or DPI), and write metrics.json, coverage.png, tarp.png, sbc.png, "
+                                           "summary_<method>.png and samples.npz into --out. Problem i depends "
+                                           "on (--seed, i) only, so runs over disjoint --first ranges can be "
+                                           "merged.",
+                               formatter_class=defaults)
+    calibrate.add_argument("prior", help="'gaussian' (the gaussian-field model, closed form) or a checkpoint written "
+                                         "by `scoreprior train` on gaussian-field images (DPI with its surrogate)")
+    calibrate.add_argument("--operator", required=True, help=f"forward model A, one of {OPERATOR_SPECS}")
+    calibrate.add_argument("--sigma", type=float, required=True, help="noise std per measurement, units of y")
+    calibrate.add_argument("--out", required=True, help="output folder")
+    calibrate.add_argument("--method", choices=("exact", "dpi"), default="dpi",
+                           help="the exact Gaussian posterior (prior 'gaussian' only) or a DPI fit per problem")
+    calibrate.add_argument("--cov-scale", type=float, default=1.0,
+                           help="exact method: multiply the posterior covariance (< 1 over-, > 1 under-confident)")
+    calibrate.add_argument("--n-problems", type=int, default=100, help="simulated problems")
+    calibrate.add_argument("--first", type=int, default=0, help="index of the first problem (for sharding)")
+    calibrate.add_argument("--n-samples", type=int, default=200, help="posterior draws per problem")
+    calibrate.add_argument("--size", type=int, default=8, help="image side for the prior 'gaussian'")
+    calibrate.add_argument("--dpi-steps", type=int, default=300, help="DPI optimiser steps per problem")
+    calibrate.add_argument("--t0", type=float, default=1e-3, help="smallest diffusion time of a checkpoint prior")
+    calibrate.add_argument("--seed", type=int, default=0, help="seeds masks, problems and TARP references")
+    calibrate.set_defaults(run=_calibrate)
     return parser
 
 

@@ -18,7 +18,10 @@ try:
 except ImportError as err:  # matplotlib is an optional dependency
     raise ImportError("scoreprior.plots needs matplotlib: install it with `pip install scoreprior[plots]`") from err
 
-__all__ = ["posterior_figure", "loss_figure", "sample_grid"]
+from scoreprior.diagnostics import binomial_band, linear_fit
+
+__all__ = ["coverage_figure", "demo_report_figure", "logprob_scatter", "loss_figure", "posterior_figure", "sample_grid", "sbc_ecdf_figure",
+           "summary_figure", "tarp_figure"]
 
 _PANEL = 2.4  # inches per image panel
 
@@ -168,4 +171,203 @@ def sample_grid(samples: object, *, ncols: int = 8, titles: Sequence[str] | None
             fig.delaxes(ax)
             continue
         _show(fig, ax, images[i], titles[i] if titles else "", colorbar=False, **scale)
+    return fig
+
+
+_SUMMARY_PANELS = {"mean": ("posterior mean", "viridis"), "std": ("posterior std", "magma"),
+                   "hdi_width": ("HDI width", "magma"), "error": ("mean - truth", "RdBu_r"),
+                   "zscore": ("(mean - truth) / std", "RdBu_r")}
+
+
+def summary_figure(maps: Mapping[str, object], *, truth: object | None = None) -> Figure:
+    """One row of maps with colour bars: truth, posterior mean, std, HDI width, error, z-score.
+
+    maps: as returned by `scoreprior.diagnostics.summary_maps`: (C, H, W) maps under "mean", "std",
+        "hdi_width" and optionally "error", "zscore" (others are ignored). truth: (C, H, W) or None.
+    Truth and mean share one colour scale; error and z-score are centred on 0 (z-score limits at least
+    ±3). Returns the Figure: one axes per panel plus one per colour bar.
+    """
+    missing = [key for key in ("mean", "std", "hdi_width") if key not in maps]
+    if missing:
+        raise ValueError(f"maps: expected entries {missing} (from summary_maps), got keys {sorted(maps)}")
+    mean_img, note = _image(maps["mean"], "mean")
+    shared = [mean_img] + ([] if truth is None else [_image(truth, "truth")[0]])
+    scale = dict(vmin=min(float(a.min()) for a in shared), vmax=max(float(a.max()) for a in shared))
+    panels = [] if truth is None else [(shared[1], "truth", dict(cmap="viridis", **scale))]
+    for key, (title, cmap) in _SUMMARY_PANELS.items():
+        if key not in maps:
+            continue
+        image = _image(maps[key], key)[0]
+        kwargs = dict(cmap=cmap, **scale) if key == "mean" else dict(cmap=cmap)
+        if key in ("error", "zscore"):
+            limit = max(float(np.abs(image).max()), 3.0 if key == "zscore" else 0.0) or 1.0
+            kwargs.update(vmin=-limit, vmax=limit)
+        panels.append((image, title, kwargs))
+    fig = Figure(figsize=(_PANEL * len(panels), _PANEL + 0.3), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (image, title, kwargs) in zip(axes, panels):
+        _show(fig, ax, image, title + note, colorbar=True, **kwargs)
+    return fig
+
+
+def _diagonal_axes(fig: Figure, xlabel: str, ylabel: str):
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="k", lw=0.8, ls="--", label="calibrated")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("equal")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    return ax
+
+
+def coverage_figure(
+    levels: Sequence[float], curves: Mapping[str, Sequence[float]], *, n: int | None = None, prob: float = 0.95
+) -> Figure:
+    """Empirical against nominal coverage of credible intervals, one curve per posterior.
+
+    levels: (K,) nominal levels; curves: label -> (K,) empirical coverage (e.g. `coverage(...).mean(0)`).
+    n: number of independent problems; draws the central `prob` Binomial(n, level) band around the
+        diagonal (`binomial_band`), where a calibrated curve falls. Returns the Figure with one axes.
+    """
+    levels = np.asarray(levels, dtype=float)
+    fig = Figure(figsize=(4.2, 4.2), layout="constrained")
+    ax = _diagonal_axes(fig, "nominal credible level", "empirical coverage")
+    if n is not None:
+        lower, upper = binomial_band(n, levels, prob=prob)
+        ax.fill_between(levels, lower.numpy(), upper.numpy(), color="0.8", label=f"{prob:.0%} binomial band, n={n}")
+    for label, curve in curves.items():
+        curve = np.asarray(curve, dtype=float)
+        if curve.shape != levels.shape:
+            raise ValueError(f"curves[{label!r}]: expected shape {levels.shape} like levels, got {curve.shape}")
+        ax.plot(levels, curve, marker="o", ms=3, label=label)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def tarp_figure(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, n: int | None = None, prob: float = 0.95
+) -> Figure:
+    """TARP expected coverage probability against the credibility level (Lemos et al. 2023).
+
+    curves: label -> (ecp (K,), alpha (K,)) from `tarp_coverage`. n: number of problems (one reference
+    each): draws the pointwise Binomial(n, α) `prob` band. Returns the Figure with one axes.
+    """
+    fig = Figure(figsize=(4.2, 4.2), layout="constrained")
+    ax = _diagonal_axes(fig, "credibility level α", "expected coverage")
+    if n is not None:
+        grid = np.linspace(0, 1, 101)
+        lower, upper = binomial_band(n, grid, prob=prob)
+        ax.fill_between(grid, lower.numpy(), upper.numpy(), color="0.8", label=f"{prob:.0%} binomial band, n={n}")
+    for label, (ecp, alpha) in curves.items():
+        ax.plot(np.asarray(alpha, dtype=float), np.asarray(ecp, dtype=float), label=label)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def sbc_ecdf_figure(ecdfs: Mapping[str, Mapping[str, object]], *, ncols: int = 3) -> Figure:
+    """SBC rank ECDF minus the uniform CDF, with its band, one panel per entry.
+
+    ecdfs: title -> `scoreprior.diagnostics.sbc_ecdf` output ("z", "ecdf_diff", "lower_diff", "upper_diff").
+    A calibrated posterior stays inside the band. Too narrow a posterior piles the ranks at both ends: the
+    difference rises above 0 and then dips below it; too wide a posterior does the opposite; a bias gives
+    one hump of one sign.
+    Returns the Figure with exactly len(ecdfs) axes.
+    """
+    if not ecdfs or isinstance(ncols, bool) or not isinstance(ncols, int) or ncols < 1:
+        raise ValueError(f"ecdfs, ncols: expected at least one entry and a positive ncols, got {len(ecdfs)}, {ncols!r}")
+    n = len(ecdfs)
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(3.2 * ncols, 2.6 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[n:]:
+        fig.delaxes(ax)
+    for ax, (title, e) in zip(axes, ecdfs.items()):
+        z = _numpy(e["z"])
+        ax.fill_between(z, _numpy(e["lower_diff"]), _numpy(e["upper_diff"]), color="0.8", step="post")
+        ax.step(z, _numpy(e["ecdf_diff"]), where="post", lw=1)
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("scaled rank")
+        ax.set_ylabel("ECDF - uniform")
+    return fig
+
+
+def logprob_scatter(
+    reference: object, estimate: object, *, xlabel: str = "ground-truth log p (nats)",
+    ylabel: str = "estimated log p (nats)",
+) -> Figure:
+    """Scatter of estimated against ground-truth log-densities, the line y = x and the least-squares line.
+
+    reference, estimate: (N,) log-densities of the same N points. The title gives the fit's R² and slope
+    (`scoreprior.diagnostics.linear_fit`). Returns the Figure with one axes.
+    """
+    x, y = _numpy(reference).astype(float).ravel(), _numpy(estimate).astype(float).ravel()
+    fit = linear_fit(x, y)
+    fig = Figure(figsize=(4.2, 4.2), layout="constrained")
+    ax = fig.subplots()
+    ax.scatter(x, y, s=6, alpha=0.6)
+    lo, hi = min(x.min(), y.min()), max(x.max(), y.max())
+    ax.plot([lo, hi], [lo, hi], color="k", lw=0.8, ls="--", label="y = x")
+    ax.plot([lo, hi], [fit["slope"] * lo + fit["intercept"], fit["slope"] * hi + fit["intercept"]],
+            color="C3", lw=1, label="least squares")
+    ax.set_title(f"R² = {fit['r2']:.3f}, slope = {fit['slope']:.3f}", fontsize=9)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def demo_report_figure(
+    *,
+    truth: object,
+    dirty: object,
+    mean: object,
+    std: object,
+    samples: object,
+    covered: object,
+    metrics: Mapping,
+) -> Figure:
+    """The report of `scoreprior demo`: truth, dirty image, posterior mean, std, coverage, draws, numbers.
+
+    truth, dirty, mean, std: (C, H, W) images (dirty: A^H y rescaled to the truth's flux);
+    samples: (n, C, H, W) posterior draws (up to 4 shown); covered: (C, H, W) 1 where the truth lies in
+    the credible interval; metrics: the demo's metrics dict (its "posterior", "observation" and
+    "exact_logp_check" entries are printed in the last panel).
+    Truth, mean and draws share one colour scale. Returns the Figure.
+    """
+    draws = _numpy(samples)[:4]
+    truth_img, _ = _image(truth, "truth")
+    scale = dict(cmap="afmhot", vmin=0.0, vmax=float(max(truth_img.max(), _image(mean, "mean")[0].max())))
+    fig = Figure(figsize=(5 * _PANEL, 2 * _PANEL + 0.6), layout="constrained")
+    axes = fig.subplots(2, 5)
+    post = metrics["posterior"]
+    level = post["coverage"]["level"]
+    _show(fig, axes[0, 0], truth_img, "truth", colorbar=True, **scale)
+    _show(fig, axes[0, 1], _image(dirty, "dirty")[0], "dirty image (A^H y)", colorbar=True, cmap="afmhot")
+    _show(fig, axes[0, 2], _image(mean, "mean")[0], "posterior mean", colorbar=True, **scale)
+    _show(fig, axes[0, 3], _image(std, "std")[0], "posterior std", colorbar=True, cmap="viridis")
+    _show(fig, axes[0, 4], _image(covered, "covered")[0],
+          f"truth inside {level:.0%} interval: {post['coverage']['fraction_of_pixels']:.0%}", colorbar=False,
+          cmap="RdYlGn", vmin=0, vmax=1)
+    for k, ax in enumerate(axes[1, :4]):
+        if k < len(draws):
+            _show(fig, ax, _image(draws[k], "samples")[0], f"posterior draw {k + 1}", colorbar=False, **scale)
+        else:
+            ax.axis("off")
+    ring = post["ring_diameter_uas"]
+    check = metrics["exact_logp_check"]
+    obs = metrics["observation"]
+    lines = [f"{obs['n_visibilities']} visibilities, {len(obs['stations'])} stations",
+             f"nxcorr(mean, truth) = {post['nxcorr_mean_truth']:.3f}",
+             f"ring diameter {ring['posterior_mean']:.1f} ± {ring['posterior_std']:.1f} µas",
+             f"  (truth {ring['truth_measured']:.1f})",
+             f"flux {post['flux']['posterior_mean']:.2f} ± {post['flux']['posterior_std']:.2f} (truth {post['flux']['truth']:.2f})",
+             "log p: ODE vs ELBO (nats)",
+             *(f"  {'truth' if i == 0 else f'draw {i}'}: {a:.0f} / {b:.0f}"
+               for i, (a, b) in enumerate(zip(check["ode"], check["elbo"])))]
+    axes[1, 4].axis("off")
+    axes[1, 4].text(0.0, 1.0, "\n".join(lines), va="top", ha="left", fontsize=8, family="monospace",
+                    transform=axes[1, 4].transAxes)
     return fig

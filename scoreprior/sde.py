@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "batch_times", "sde_from_config"]
+__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "batch_times", "register_sde", "sde_from_config"]
 
 
 def batch_times(t: Tensor | float, x: Tensor) -> Tensor:
@@ -195,8 +195,18 @@ class VESDE(SDE):
 _KINDS = {cls.__name__: cls for cls in (VPSDE, SubVPSDE, VESDE)}
 
 
+def register_sde(cls: type) -> type:
+    """Let `sde_from_config` rebuild configs whose "kind" is cls.__name__; returns cls (a class decorator).
+
+    For forward processes defined outside this module, e.g. `scoreprior.ws.WSProcess`; cls(**config
+    without "kind") must rebuild the process.
+    """
+    _KINDS[cls.__name__] = cls
+    return cls
+
+
 def sde_from_config(config: dict) -> SDE:
-    """Rebuild an SDE from its `config()` dict; unknown kinds raise ValueError."""
+    """Rebuild an SDE (or a process registered with `register_sde`) from its `config()`; unknown kinds raise ValueError."""
     kind = config.get("kind")
     if kind not in _KINDS:
         raise ValueError(f"config['kind']: expected one of {sorted(_KINDS)}, got {kind!r}")

@@ -17,10 +17,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from scoreprior.density import ScorePrior
+from scoreprior.distributed import broadcast_from_rank0, gather_ordered, item_seed, rank_and_world
 from scoreprior.nets import build_net
 from scoreprior.sde import SDE, batch_times, per_sample, sde_from_config
 
@@ -157,11 +160,13 @@ class EMA:
 class TrainConfig:
     """Options of `train_score_model`.
 
-    steps: total optimiser steps (a resumed run stops at the same total); batch_size: images per step;
+    steps: total optimiser steps (a resumed run stops at the same total); batch_size: images per step
+    and process (distributed training steps on world x batch_size images);
     lr: Adam learning rate after warm-up; warmup: steps of linear learning-rate warm-up from lr/warmup;
     grad_clip: max global gradient norm (None: no clipping); ema_decay: see `EMA`;
-    seed: seeds the generator for batch indices, times and noise (network initialisation is the
-    caller's); checkpoint_every: steps between checkpoints (0: only at the end);
+    seed: seeds the generator for batch indices, times and noise (rank r of a distributed run uses
+    `scoreprior.distributed.item_seed(seed, r)`; network initialisation is the caller's);
+    checkpoint_every: steps between checkpoints (0: only at the end);
     log_every: steps between refreshes of the progress bar's running loss.
     """
 
@@ -242,6 +247,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     step: int = 0,
     generator: torch.Generator | None = None,
+    rank_generators: list[Tensor] | None = None,
     loss_history: list[float] | None = None,
     provenance: str | None = None,
     train_config: TrainConfig | None = None,
@@ -251,8 +257,9 @@ def save_checkpoint(
     net: a network with `config()` (see `scoreprior.nets.build_net`); sde: its SDE (with `config()`);
     event_shape: shape of one training image, e.g. (1, 16, 16); ema: averaged weights (default: the
     net's current weights); optimizer, generator: stored so that training can resume exactly;
-    step: optimiser steps done; loss_history: per-step losses; provenance: where the data came from;
-    train_config: the options used. Returns the path written.
+    rank_generators: generator states of every rank of a distributed run, in rank order (`generator`
+    is then rank 0's); step: optimiser steps done; loss_history: per-step losses; provenance: where the
+    data came from; train_config: the options used. Returns the path written.
     """
     path = Path(path)
     ema_state = (ema if ema is not None else EMA(net)).state_dict()
@@ -267,6 +274,7 @@ def save_checkpoint(
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "step": int(step),
         "generator": generator.get_state() if generator is not None else None,
+        "rank_generators": rank_generators,
         "loss_history": [float(v) for v in (loss_history or [])],
         "provenance": provenance,
         "train_config": dataclasses.asdict(train_config) if train_config is not None else None,
@@ -305,8 +313,11 @@ def _resume(
     ema: EMA,
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
+    rank: int,
+    world: int,
 ) -> tuple[int, list[float]]:
-    """Load a checkpoint's state into the training objects; returns (step, loss history)."""
+    """Load a checkpoint's state into the training objects of rank `rank` of `world`; returns (step, loss
+    history). The generator takes this rank's saved state, so the number of processes must not change."""
     for key, expected in (("net_config", net.config()), ("sde_config", sde.config()),
                           ("event_shape", list(event_shape))):
         if checkpoint[key] != expected:
@@ -315,8 +326,12 @@ def _resume(
         raise ValueError(f"checkpoint {path}: holds no optimizer or generator state, cannot resume")
     net.load_state_dict(checkpoint["net"])
     ema.load_state_dict(checkpoint["ema"])
+    states = checkpoint.get("rank_generators") or [checkpoint["generator"]]
+    if len(states) != world:
+        raise ValueError(f"checkpoint {path}: written by {len(states)} process(es), cannot resume exactly "
+                         f"with {world}")
     optimizer.load_state_dict(checkpoint["optimizer"])
-    generator.set_state(checkpoint["generator"])
+    generator.set_state(states[rank])
     return checkpoint["step"], list(checkpoint["loss_history"])
 
 
@@ -332,6 +347,7 @@ def train_score_model(
     progress: bool = True,
     provenance: str | None = None,
     loss_fn: Callable[[nn.Module, Tensor, torch.Generator], Tensor] | None = None,
+    distributed: bool | None = None,
 ) -> TrainResult:
     """Train a network by denoising score matching (`dsm_loss`, or `loss_fn`), in place.
 
@@ -348,7 +364,21 @@ def train_score_model(
     provenance: free text recorded in the checkpoint, e.g. the data's source;
     loss_fn: loss_fn(net, x0, generator) -> scalar loss on a (batch_size, *event_shape) batch, drawing
         its randomness from `generator` (default: dsm_loss(net, sde, x0, generator=generator)); `sde` is
-        still the one recorded in checkpoints.
+        still the one recorded in checkpoints. Under DDP it receives the DistributedDataParallel wrapper:
+        it should call it once per step (the gradient all-reduce hooks on that call) and reach the
+        network's attributes through `.module`.
+    distributed: train data-parallel over the default process group (default: whenever one is
+        initialised, e.g. inside `scoreprior.distributed.init_from_env()` under torchrun).
+
+    Distributed (DistributedDataParallel): every rank holds all of `data` and the same network
+    configuration; rank r draws its own batch_size indices, times and noise from a generator seeded with
+    `item_seed(config.seed, r)`, so a step sees world x batch_size independent draws with replacement,
+    and DDP averages the gradients: in expectation the same step as one process with that global batch
+    (the learning rate is not rescaled). The weights are rank 0's at the start and stay equal on every
+    rank; the recorded loss is the mean over ranks. Only rank 0 shows the progress bar and writes
+    checkpoints, which hold every rank's generator state: a resume needs the same number of processes
+    and reads the file on rank 0 only. Rank 0 with one process draws exactly what a non-distributed
+    run draws.
 
     The net is left on `device`, in eval mode, holding the raw (non-averaged) weights.
     """
@@ -364,36 +394,50 @@ def train_score_model(
             return dsm_loss(net, sde, x0, generator=generator)
     event_shape = data.shape[1:]
     checkpoint = Path(checkpoint) if checkpoint is not None else None
+    if distributed is None:
+        distributed = dist.is_available() and dist.is_initialized()
+    if distributed and not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("distributed: True needs an initialised default process group, "
+                         "see scoreprior.distributed.init_from_env")
+    rank, world = rank_and_world() if distributed else (0, 1)
 
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
+    model = DistributedDataParallel(net) if distributed else net  # broadcasts rank 0's weights
     ema = EMA(net, config.ema_decay)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
+    generator = torch.Generator(device=device).manual_seed(item_seed(config.seed, rank))
     step, history = 0, []
-    if checkpoint is not None and resume and checkpoint.exists():
-        step, history = _resume(checkpoint, load_checkpoint(checkpoint), net, sde, event_shape,
-                                ema, optimizer, generator)
+    if checkpoint is not None and resume:
+        def read() -> dict | None:
+            return load_checkpoint(checkpoint) if checkpoint.exists() else None
+
+        saved = broadcast_from_rank0(read) if distributed else read()
+        if saved is not None:
+            step, history = _resume(checkpoint, saved, net, sde, event_shape, ema, optimizer, generator,
+                                    rank, world)
 
     def save() -> None:
-        save_checkpoint(checkpoint, net, sde, event_shape=event_shape, ema=ema, optimizer=optimizer,
-                        step=step, generator=generator, loss_history=history, provenance=provenance,
-                        train_config=config)
+        states = gather_ordered([generator.get_state()], [rank], world) if distributed else None
+        if rank == 0:
+            save_checkpoint(checkpoint, net, sde, event_shape=event_shape, ema=ema, optimizer=optimizer,
+                            step=step, generator=generator, rank_generators=states, loss_history=history,
+                            provenance=provenance, train_config=config)
 
     start = time.perf_counter()
     net.train()
     bar = tqdm(total=config.steps, initial=min(step, config.steps), desc="training",
-               disable=not progress, dynamic_ncols=True)
+               disable=not progress or rank != 0, dynamic_ncols=True)
     while step < config.steps:
         for group in optimizer.param_groups:
             group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup) if config.warmup else config.lr
         idx = torch.randint(data.shape[0], (config.batch_size,), generator=generator, device=device)
-        loss = loss_fn(net, data[idx], generator)
+        loss = loss_fn(model, data[idx], generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip is not None:
             nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
         optimizer.step()
         ema.update()
-        history.append(loss.item())
+        history.append(_mean_over_ranks(loss.detach(), world).item() if distributed else loss.item())
         step += 1
         bar.update(1)
         if step % config.log_every == 0:
@@ -405,9 +449,18 @@ def train_score_model(
     net.eval()
     if checkpoint is not None:
         save()
+        if distributed:
+            dist.barrier()  # the checkpoint is complete when any rank returns
     recent = history[-config.log_every:]
     final = sum(recent) / len(recent) if recent else math.nan
     return TrainResult(final, history, step, time.perf_counter() - start, ema)
+
+
+def _mean_over_ranks(value: Tensor, world: int) -> Tensor:
+    """Mean of a tensor over the ranks of the default process group."""
+    total = value.clone()
+    dist.all_reduce(total)
+    return total / world
 
 
 def load_prior(
@@ -428,6 +481,9 @@ def load_prior(
     net.load_state_dict(checkpoint["ema"]["shadow"] if use_ema else checkpoint["net"])
     net.to(device if device is not None else "cpu").eval().requires_grad_(False)
     sde = sde_from_config(checkpoint["sde_config"])
+    if not isinstance(sde, SDE):
+        raise ValueError(f"{path}: holds a {type(sde).__name__} model, not a score model of an SDE; "
+                         "load whitened-score checkpoints with scoreprior.ws.load_ws_model")
     event_shape = tuple(checkpoint["event_shape"])
     score = NoisePredictionScore(net, sde, event_shape=event_shape)
     return ScorePrior(score, sde, t0=t0, event_shape=event_shape)

@@ -7,7 +7,11 @@ import torch
 pytest.importorskip("matplotlib")
 from matplotlib.figure import Figure  # noqa: E402
 
-from scoreprior.plots import loss_figure, posterior_figure, sample_grid  # noqa: E402
+from scoreprior.diagnostics import sbc_ecdf, summary_maps  # noqa: E402
+from scoreprior.plots import (  # noqa: E402
+    coverage_figure, logprob_scatter, loss_figure, posterior_figure, sample_grid, sbc_ecdf_figure, summary_figure,
+    tarp_figure,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -54,6 +58,44 @@ def test_sample_grid_has_one_axes_per_image():
     assert len(sample_grid(_samples(3, c=3), ncols=8).axes) == 3
     with pytest.raises(ValueError, match="ncols"):
         sample_grid(_samples(2), ncols=0)
+
+
+def test_summary_figure_has_a_panel_and_colour_bar_per_map():
+    samples = _samples(50).double()
+    fig = summary_figure(summary_maps(samples, samples[0]), truth=samples[0])
+    assert isinstance(fig, Figure) and len(fig.axes) == 2 * 6  # truth, mean, std, HDI width, error, z-score
+    assert "(mean - truth) / std" in [ax.get_title() for ax in fig.axes]
+    assert len(summary_figure(summary_maps(samples)).axes) == 2 * 3
+    with pytest.raises(ValueError, match="hdi_width"):
+        summary_figure({"mean": samples[0], "std": samples[0]})
+
+
+def test_coverage_and_tarp_figures_draw_curves_and_bands():
+    levels = [0.1 * k for k in range(1, 10)]
+    fig = coverage_figure(levels, {"exact": levels, "shrunk": [0.8 * v for v in levels]}, n=100)
+    assert isinstance(fig, Figure) and len(fig.axes) == 1
+    assert len(fig.axes[0].lines) == 3 and len(fig.axes[0].collections) == 1  # diagonal + 2 curves; the band
+    with pytest.raises(ValueError, match="curves"):
+        coverage_figure(levels, {"bad": levels[:3]})
+    alpha = np.linspace(0, 1, 21)
+    fig = tarp_figure({"a": (alpha, alpha), "b": (alpha**2, alpha)}, n=50)
+    assert len(fig.axes) == 1 and len(fig.axes[0].lines) == 3 and len(fig.axes[0].collections) == 1
+
+
+def test_sbc_ecdf_figure_has_one_axes_per_entry():
+    ranks = torch.randint(0, 20, (40,), generator=torch.Generator().manual_seed(0))
+    ecdf = sbc_ecdf(ranks, 19, n_simulations=100)
+    fig = sbc_ecdf_figure({"flux": ecdf, "max": ecdf, "mean": ecdf}, ncols=2)
+    assert isinstance(fig, Figure) and len(fig.axes) == 3
+    with pytest.raises(ValueError, match="ecdfs"):
+        sbc_ecdf_figure({})
+
+
+def test_logprob_scatter_annotates_the_fit():
+    x = np.linspace(-10, 0, 30)
+    fig = logprob_scatter(x, 2 * x + 1)
+    assert isinstance(fig, Figure) and len(fig.axes) == 1
+    assert fig.axes[0].get_title() == "R² = 1.000, slope = 2.000"
 
 
 def test_missing_matplotlib_names_the_extra(monkeypatch):

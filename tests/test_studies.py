@@ -11,16 +11,21 @@ import pytest
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
 
 
+def run_study(name: str, out: Path, *, timeout: int = 600) -> dict:
+    """Run studies/<name>.py --quick into `out` on one thread; returns its metrics.json."""
+    proc = subprocess.run([sys.executable, str(STUDIES / f"{name}.py"), "--out", str(out), "--quick"],
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert str(out / "metrics.json") in proc.stdout
+    return json.loads((out / "metrics.json").read_text())
+
+
 @pytest.mark.slow
 def test_gaussian_posterior_quick(tmp_path):
     """8x8 quick run of all three priors (about 30 s on one CPU thread): files written, finite errors, and
     the closed-form-prior DPI close to the exact posterior even after 300 steps (measured: mean 1.2 %,
     std 5.5 % relative)."""
-    proc = subprocess.run([sys.executable, str(STUDIES / "gaussian_posterior.py"), "--out", str(tmp_path), "--quick"],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr
-    assert str(tmp_path / "metrics.json") in proc.stdout
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = run_study("gaussian_posterior", tmp_path, timeout=300)
     assert set(metrics["results"]) == {"gaussian", "surrogate", "exact"}
     for r in metrics["results"].values():
         assert r["skipped_steps"] == 0
@@ -28,3 +33,37 @@ def test_gaussian_posterior_quick(tmp_path):
     assert metrics["results"]["gaussian"]["mean_rel"] < 0.05 and metrics["results"]["gaussian"]["std_rel"] < 0.15
     assert (tmp_path / "gaussian_posterior.png").stat().st_size > 10_000
 
+
+@pytest.mark.slow
+def test_calibration_quick(tmp_path):
+    """The study's --quick mode (about 70 s on one thread): files written, exact posterior calibrated."""
+    results = run_study("calibration", tmp_path)["gaussian"]["results"]
+    assert abs(results["exact"]["tarp"]["atc"]) < 0.03
+    assert results["shrunk"]["tarp"]["atc"] < -0.05 < 0.05 < results["widened"]["tarp"]["atc"]
+    for name in ("gaussian/coverage.png", "gaussian/tarp.png", "gaussian/sbc.png", "dpi/logprob_scatter.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_toy_posterior_2d_quick(tmp_path):
+    """About a minute: every baseline swept, the DPI rows, and the estimator floor below every method."""
+    metrics = run_study("toy_posterior_2d", tmp_path)
+    rows = metrics["rows"]
+    assert {r["method"] for r in rows} == {"exact_samples", "dps", "score_ald", "sde_projection", "dpi_exact",
+                                           "dpi_closed"}
+    floor = next(r["kl"] for r in rows if r["method"] == "exact_samples")
+    # exact draws from the gridded posterior: the histogram KL is only the estimator's finite-n bias
+    assert 0 < floor < 0.3
+    assert all(r["kl"] is None or r["kl"] >= floor - 3 * r["kl_err"] for r in rows)
+    assert abs(metrics["problem"]["true_right_mode"] - 0.36) < 0.05
+    assert (tmp_path / "toy_posterior_2d.png").stat().st_size > 10_000 and (tmp_path / "table.md").exists()
+
+
+@pytest.mark.slow
+def test_ws_dehaze_quick(tmp_path):
+    """About two minutes: both priors trained briefly, every method scored (a smoke test, not a result)."""
+    metrics = run_study("ws_dehaze", tmp_path)
+    assert metrics["mode"] == "quick" and set(metrics["results"]) == {"dehaze", "deblur_dehaze"}
+    for task in metrics["results"].values():
+        assert all(0 < task[m]["psnr_mean"] < 100 for m in ("measurement", "ws_best", "ws_auto", "vp_dps", "vp_ws"))
+    assert (tmp_path / "ws_dehaze.png").stat().st_size > 10_000
