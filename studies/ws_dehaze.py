@@ -1,7 +1,8 @@
 """Whitened-score (WS) prior vs a conventional VP prior for dehazing and deblurring + dehazing.
 
-Data: 32 x 32 grey patches (pixel values in [0, 1]) of scikit-image's bundled photographs, downscaled 2x;
-training patches from camera, astronaut, coffee and chelsea, test patches from rocket (a held-apart image).
+Data: 32 x 32 grey patches (pixel values in [0, 1]) of scikit-image's bundled photographs, downscaled 2x
+(`scoreprior.data.natural_patches`); training patches from camera, astronaut, coffee and chelsea (and
+their mirror images), test patches from rocket (a held-apart image).
 Priors: two UNets of the same size, trained the same number of steps on CPU with `train_score_model`:
   ws  WS diffusion (`ws_loss`) with Gaussian low-pass noise of width 3 px (the paper's demo kernel) mixed
       with a small white part, `WSProcess({"type": "gaussian", "width": 3, "white": WHITE})`;
@@ -31,11 +32,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from matplotlib.figure import Figure
-from skimage import color, data, transform
 
+from scoreprior.data import natural_patches
 from scoreprior.nets import UNet
 from scoreprior.operators import GaussianBlur
 from scoreprior.samplers import dps
@@ -56,30 +56,9 @@ LABELS = {"ws_auto": "WS, auto λ", "ws_best": "WS, best λ (oracle)", "vp_dps":
 SETTINGS = {
     "quick": dict(channels=(8, 16), train_steps=150, batch_size=32, n_train=512, n_test=4, steps=50,
                   dps_steps=50, lam_grid=(0.1, 0.5, 2.0)),
-    "full": dict(channels=(32, 64), train_steps=3000, batch_size=64, n_train=4096, n_test=16, steps=500,
-                 dps_steps=500, lam_grid=(0.05, 0.1, 0.3, 1.0, 3.0)),
+    "full": dict(channels=(16, 32), train_steps=2000, batch_size=32, n_train=2048, n_test=16, steps=200,
+                 dps_steps=200, lam_grid=(0.1, 0.3, 1.0, 3.0)),
 }
-
-
-def grey(name: str) -> np.ndarray:
-    """A bundled skimage image as grey float64 in [0, 1], downscaled 2x."""
-    img = getattr(data, name)()
-    img = color.rgb2gray(img) if img.ndim == 3 else img.astype(np.float64) / 255.0
-    return transform.rescale(img, 0.5, anti_aliasing=True)
-
-
-def patches(names: tuple[str, ...], n: int, rng: np.random.Generator, *, flips: bool) -> torch.Tensor:
-    """n random SIZE x SIZE patches drawn evenly from the named images: (n, 1, SIZE, SIZE) float32."""
-    images = [grey(name) for name in names]
-    out = []
-    for i in range(n):
-        img = images[i % len(images)]
-        r, c = rng.integers(0, img.shape[0] - SIZE), rng.integers(0, img.shape[1] - SIZE)
-        p = img[r : r + SIZE, c : c + SIZE]
-        if flips and rng.random() < 0.5:
-            p = p[:, ::-1]
-        out.append(p.copy())
-    return torch.tensor(np.stack(out)[:, None], dtype=torch.float32)
 
 
 def train(process, data_: torch.Tensor, s: dict, seed: int, loss_fn=None) -> tuple[UNet, dict]:
@@ -141,9 +120,10 @@ def main(argv: list[str] | None = None) -> dict:
     s = SETTINGS["quick" if args.quick else "full"]
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    rng = np.random.default_rng(args.seed)
-    train_data = patches(TRAIN_IMAGES, s["n_train"], rng, flips=True)
-    truth = patches((TEST_IMAGE,), s["n_test"], rng, flips=False)
+    g = torch.Generator().manual_seed(args.seed)
+    train_data = natural_patches(s["n_train"], SIZE, images=TRAIN_IMAGES, generator=g)
+    train_data = torch.cat([train_data, train_data.flip(-1)])
+    truth = natural_patches(s["n_test"], SIZE, images=(TEST_IMAGE,), split="test", generator=g)
 
     process = WSProcess({"type": "gaussian", "size": [SIZE, SIZE], "width": WIDTH, "white": WHITE})
     ws_net, ws_train = train(process, train_data, s, args.seed,
