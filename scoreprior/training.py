@@ -212,10 +212,16 @@ class TrainResult:
 
 
 def atomic_save(obj: dict, path: Path) -> None:
-    """torch.save to a temporary file in the target folder, then rename it over `path`."""
+    """torch.save to a temporary file in the target folder, then rename it over `path`.
+
+    The file gets the permissions of an ordinary new file (0666 less the umask), not mkstemp's 0600.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
