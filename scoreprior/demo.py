@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from scoreprior.data import BLACKHOLE_FOV_UAS, blackhole_images, ring_radius
-from scoreprior.diagnostics import credible_interval, to_datatree
+from scoreprior.diagnostics import credible_interval, nxcorr, to_datatree
 from scoreprior.eht import load_array, uv_coverage
 from scoreprior.likelihood import GaussianLikelihood
 from scoreprior.operators import Interferometer, uas_to_rad
@@ -46,11 +46,11 @@ class DemoConfig:
 
     prior: str = "blackhole-32"
     seed: int = 0
-    steps: int = 1200
-    batch_size: int = 32
+    steps: int = 600
+    batch_size: int = 16
     lr: float = 3e-3
     n_flows: int = 8
-    time_samples: int = 4
+    time_samples: int = 2
     n_samples: int = 256
     n_checked: int = 4
     probes: int = 4
@@ -100,13 +100,6 @@ def _flux_estimate(likelihood: GaussianLikelihood) -> float:
 def _coverage_map(samples: Tensor, truth: Tensor, prob: float) -> Tensor:
     interval = credible_interval(samples, prob, kind="eti")
     return ((truth >= interval[..., 0]) & (truth <= interval[..., 1])).to(samples.dtype)
-
-
-def _nxcorr(a: Tensor, b: Tensor) -> float:
-    """Normalised cross-correlation of two images (the EHT image-comparison metric), in [-1, 1]."""
-    a, b = a.flatten().double(), b.flatten().double()
-    a, b = a - a.mean(), b - b.mean()
-    return float((a @ b) / (a.norm() * b.norm()))
 
 
 def run_demo(out: str | Path, config: DemoConfig | None = None, *, progress: bool = True) -> dict:
@@ -169,7 +162,7 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, *, progress: boo
         "flux_estimate": flux,
         "posterior": {
             "coverage": {"level": config.prob, "kind": "eti", "fraction_of_pixels": float(covered.mean())},
-            "nxcorr_mean_truth": _nxcorr(mean, truth[0]),
+            "nxcorr_mean_truth": nxcorr(mean, truth[0]),
             "rmse_over_peak": float((mean - truth[0]).square().mean().sqrt() / truth.max()),
             "ring_diameter_uas": {"truth_model": true_diameter, "truth_measured": measured_truth_diameter,
                                   "posterior_mean": float(diameter.mean()), "posterior_std": float(diameter.std()),

@@ -27,6 +27,7 @@ __all__ = [
     "binomial_band",
     "coverage",
     "credible_interval",
+    "nxcorr",
     "linear_fit",
     "rank_uniformity",
     "sbc_ecdf",
@@ -400,6 +401,18 @@ def tarp_atc(ecp: Tensor, alpha: Tensor) -> float:
     if int(upper.sum()) < 2:
         raise ValueError("alpha: expected at least two levels >= 0.5")
     return float(torch.trapezoid((ecp - alpha)[upper], alpha[upper]))
+
+
+def nxcorr(a: object, b: object) -> float:
+    """Normalised cross-correlation of two images (the EHT image-comparison metric), in [-1, 1].
+
+    a, b: images of the same shape; each is centred on its mean, then <a, b> / (|a| |b|), in float64.
+    """
+    a, b = _tensor(a, "a").flatten().double(), _tensor(b, "b").flatten().double()
+    if a.shape != b.shape:
+        raise ValueError(f"a, b: expected images of the same size, got {a.numel()} and {b.numel()} pixels")
+    a, b = a - a.mean(), b - b.mean()
+    return float((a @ b) / (a.norm() * b.norm()))
 
 
 def linear_fit(x: object, y: object) -> dict[str, float]:

@@ -274,3 +274,14 @@ def test_calibrate_command_writes_its_report(tmp_path):
         assert f["samples"].shape == (30, 40, 1, 4, 4) and f["truths"].shape == (30, 1, 4, 4)
     assert main(["calibrate", str(tmp_path / "prior.pt"), "--operator", "blur:1", "--sigma", "0.1",
                  "--method", "exact", "--out", str(out)]) == 2
+
+
+def test_nxcorr_closed_forms():
+    """Invariant to affine maps a -> s a + c (s > 0), -1 for a negated image, 0 for orthogonal centred images."""
+    from scoreprior.diagnostics import nxcorr
+
+    a = torch.tensor([[0.0, 1.0], [2.0, 5.0]])
+    assert abs(nxcorr(a, 3 * a + 7) - 1) < 1e-12 and abs(nxcorr(a, -a) + 1) < 1e-12
+    assert abs(nxcorr(torch.tensor([1.0, -1.0, 1.0, -1.0]), torch.tensor([1.0, 1.0, -1.0, -1.0]))) < 1e-12
+    with pytest.raises(ValueError, match="same size"):
+        nxcorr(a, torch.zeros(3))
