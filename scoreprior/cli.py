@@ -413,7 +413,7 @@ def _parser() -> argparse.ArgumentParser:
                                       "CPU cores.",
                           formatter_class=defaults)
     demo.add_argument("--out", default="scoreprior-demo", help="output folder")
-    demo.add_argument("--steps", type=int, default=None, help="DPI steps (default 1200, --quick 60)")
+    demo.add_argument("--steps", type=int, default=None, help="DPI steps (default 600, --quick 60)")
     demo.add_argument("--quick", action="store_true", help="a smoke test of the whole pipeline, unconverged")
     demo.add_argument("--seed", type=int, default=0, help="seeds the truth, the noise, the flow and the draws")
     demo.set_defaults(run=_demo)

@@ -67,3 +67,13 @@ def test_ws_dehaze_quick(tmp_path):
     for task in metrics["results"].values():
         assert all(0 < task[m]["psnr_mean"] < 100 for m in ("measurement", "ws_best", "ws_auto", "vp_dps", "vp_ws"))
     assert (tmp_path / "ws_dehaze.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_train_priors_quick(tmp_path):
+    """About a minute: every shipped prior trained 20 steps and exported under --out, the package untouched."""
+    metrics = run_study("train_priors", tmp_path)
+    assert set(metrics["priors"]) == {"blackhole-32", "gaussian-16", "natural-16", "natural-32", "faces-24"}
+    for name, prior in metrics["priors"].items():
+        assert prior["provenance"] and prior["wall_time_s"] > 0
+        assert (tmp_path / "pretrained" / f"{name}.pt").is_file()
