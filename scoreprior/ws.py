@@ -24,21 +24,21 @@ from numbers import Real
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from scoreprior.diagnostics import psnr, ssim
 from scoreprior.likelihood import FourierDiagonalCovariance, GaussianLikelihood
 from scoreprior.nets import build_net
 from scoreprior.operators import Identity, LinearOperator
-from scoreprior.samplers import _Guard
+from scoreprior.samplers import _check_options, _Guard
 from scoreprior.sde import VPSDE, batch_times, per_sample, register_sde, sde_from_config
 from scoreprior.training import NoisePredictionScore, load_checkpoint
 
 __all__ = [
     "gaussian_spectrum", "power_law_spectrum", "mix_white", "spectrum_from_recipe",
     "WSProcess", "GaussianWhitenedScore", "WhitenedScore", "WidthConditionedNet", "build_ws_net",
-    "load_ws_model", "ws_loss", "Haze", "ws_sample", "sweep_lambda", "choose_lambda", "psnr", "ssim",
+    "load_ws_model", "ws_loss", "Haze", "ws_sample", "sweep_lambda", "choose_lambda",
 ]
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
@@ -211,8 +211,7 @@ class WSProcess:
 
     def perturb(self, x0: Tensor, t: Tensor | float, z: Tensor) -> Tensor:
         """x_t = a(t) x_0 + s(t) K z. x0, z: (B, C, H, W) (z white); t: scalar or (B,)."""
-        a, s = self.marginal(batch_times(t, x0))
-        return per_sample(a, x0) * x0 + per_sample(s, x0) * self.apply_K(z)
+        return self.vp.perturb(x0, batch_times(t, x0), self.apply_K(z))
 
     def conditional_whitened_score(self, xt: Tensor, x0: Tensor, t: Tensor | float) -> Tensor:
         """beta K K^T grad log p(x_t | x_0) = -beta (x_t - a x_0) / s^2 (= -beta K z / s). All (B, C, H, W)."""
@@ -368,8 +367,7 @@ def ws_loss(
     t = eps + (1.0 - eps) * torch.rand(b, generator=generator, device=x0.device, dtype=x0.dtype)
     z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     kz = process.apply_K(z)
-    a, s = process.marginal(t)
-    xt = per_sample(a, x0) * x0 + per_sample(s, x0) * kz
+    xt = process.vp.perturb(x0, t, kz)
     power = float(process.spectrum.pow(2).mean())
     losses = (net(xt, t, **kwargs) - kz).pow(2).reshape(b, -1).mean(1) / power
     return losses.mean() if reduction == "mean" else losses
@@ -470,9 +468,10 @@ def ws_sample(
             raise ValueError(f"lam: expected a number, a callable or 'auto', got {lam!r}")
         if likelihood is None:
             raise ValueError("lam: 'auto' needs a likelihood")
-        lam, _ = choose_lambda(model, process, likelihood, event_shape, grid=auto_grid, n=auto_n,
-                               steps=auto_steps or max(steps // 4, math.floor(process.vp.beta_max) + 1), t0=t0, normalize=normalize, residual=residual,
-                               method=method, init=init, generator=generator, dtype=dtype, device=device)
+        pilot_steps = auto_steps or max(steps // 4, math.floor(process.vp.beta_max) + 1)
+        lam, _ = choose_lambda(model, process, likelihood, event_shape, grid=auto_grid, n=auto_n, steps=pilot_steps,
+                               t0=t0, normalize=normalize, residual=residual, method=method, init=init,
+                               generator=generator, dtype=dtype, device=device)
     if not callable(lam):
         _check_number(lam, "lam", low=0.0, strict_low=False)
     schedule = lam if callable(lam) else (lambda t, value=float(lam): value)
@@ -519,14 +518,9 @@ def ws_sample(
 
 
 def _check_sampler_options(process: WSProcess, n: int, event_shape: tuple, steps: int, t0: float) -> None:
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n: expected a positive int, got {n!r}")
+    _check_options(n, steps, t0, process)
     if len(event_shape) != 3 or tuple(event_shape[1:]) != process.size:
         raise ValueError(f"event_shape: expected (C, {process.size[0]}, {process.size[1]}), got {tuple(event_shape)}")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: expected a positive int, got {steps!r}")
-    if not 0 < t0 < process.T:
-        raise ValueError(f"t0: expected 0 < t0 < T = {process.T}, got {t0!r}")
     if process.vp.beta_max * (process.T - t0) / steps >= 1:
         raise ValueError(f"steps: need beta_max * dt < 1, i.e. steps > {process.vp.beta_max * (process.T - t0):.3g}, "
                          f"got {steps}")
@@ -595,43 +589,3 @@ def choose_lambda(
     energy = likelihood.noise_energy()
     best = min(rows, key=lambda r: abs(math.log(max(r["misfit"], 1e-300) / energy)))
     return best["lam"], rows
-
-
-def psnr(x: Tensor, ref: Tensor, *, data_range: float = 1.0) -> Tensor:
-    """Peak signal-to-noise ratio 10 log10(data_range^2 / mean (x - ref)^2) in dB. x, ref: (B, C, H, W) -> (B,)."""
-    _check_pair(x, ref)
-    mse = (x - ref).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(data_range**2 / mse)
-
-
-def _check_pair(x: object, ref: object) -> None:
-    if not isinstance(x, Tensor) or not isinstance(ref, Tensor) or x.ndim != 4 or x.shape != ref.shape:
-        raise ValueError(f"x, ref: expected two tensors of the same shape (B, C, H, W), got "
-                         f"{getattr(x, 'shape', type(x).__name__)} and {getattr(ref, 'shape', type(ref).__name__)}")
-
-
-def ssim(x: Tensor, ref: Tensor, *, data_range: float = 1.0, sigma: float = 1.5) -> Tensor:
-    """Structural similarity with a Gaussian window (Wang, Bovik, Sheikh & Simoncelli 2004).
-
-    Local means, variances and covariance under a normalised Gaussian window of std sigma truncated at
-    radius r = int(3.5 sigma + 0.5) (11 x 11 for sigma = 1.5), population (not sample) statistics,
-        SSIM = (2 mu_x mu_y + C1)(2 cov_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(var_x + var_y + C2)),
-    C1 = (0.01 L)^2, C2 = (0.03 L)^2, L = data_range, averaged over the windows lying fully inside the
-    image and over channels: skimage's structural_similarity(gaussian_weights=True, sigma=1.5,
-    use_sample_covariance=False, data_range=L). x, ref: (B, C, H, W), H, W > 2 r -> (B,).
-    """
-    _check_pair(x, ref)
-    r = int(3.5 * sigma + 0.5)
-    if min(x.shape[-2:]) <= 2 * r:
-        raise ValueError(f"x: expected H, W > {2 * r} for sigma = {sigma}, got shape {tuple(x.shape)}")
-    offsets = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
-    g = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    g = g / g.sum()
-    c = x.shape[1]
-    window = (g[:, None] * g[None, :]).expand(5 * c, 1, -1, -1)
-    stack = torch.cat([x, ref, x * x, ref * ref, x * ref], dim=1)
-    mx, my, mxx, myy, mxy = F.conv2d(stack, window, groups=5 * c).split(c, dim=1)
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    vx, vy, cxy = mxx - mx * mx, myy - my * my, mxy - mx * my
-    s = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    return s.flatten(1).mean(1)

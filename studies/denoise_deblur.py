@@ -39,13 +39,12 @@ import torch
 from matplotlib.figure import Figure
 
 from scoreprior.data import natural_patches
-from scoreprior.diagnostics import coverage
+from scoreprior.diagnostics import coverage, psnr
 from scoreprior.likelihood import GaussianLikelihood
 from scoreprior.operators import GaussianBlur, Identity, LinearOperator
 from scoreprior.posterior import DPI
 from scoreprior.pretrained import pretrained
 from scoreprior.surrogate import SurrogatePrior
-from scoreprior.ws import psnr
 
 TASKS: dict[str, tuple[LinearOperator, float]] = {
     "denoise-0.1": (Identity(), 0.1),

@@ -36,12 +36,13 @@ import torch
 from matplotlib.figure import Figure
 
 from scoreprior.data import natural_patches
+from scoreprior.diagnostics import psnr, ssim
 from scoreprior.nets import UNet
 from scoreprior.operators import GaussianBlur
 from scoreprior.samplers import dps
 from scoreprior.sde import VPSDE
 from scoreprior.training import NoisePredictionScore, TrainConfig, train_score_model
-from scoreprior.ws import Haze, WhitenedScore, WSProcess, gaussian_spectrum, psnr, ssim, ws_loss, ws_sample
+from scoreprior.ws import Haze, WhitenedScore, WSProcess, gaussian_spectrum, ws_loss, ws_sample
 
 TRAIN_IMAGES = ("camera", "astronaut", "coffee", "chelsea")
 TEST_IMAGE = "rocket"

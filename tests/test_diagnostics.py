@@ -285,3 +285,23 @@ def test_nxcorr_closed_forms():
     assert abs(nxcorr(torch.tensor([1.0, -1.0, 1.0, -1.0]), torch.tensor([1.0, 1.0, -1.0, -1.0]))) < 1e-12
     with pytest.raises(ValueError, match="same size"):
         nxcorr(a, torch.zeros(3))
+
+
+def test_psnr_and_ssim_match_skimage():
+    metrics = pytest.importorskip("skimage.metrics")
+    from scoreprior.diagnostics import psnr, ssim
+
+    ref = torch.rand(2, 3, 24, 20, generator=torch.Generator().manual_seed(24), dtype=torch.float64)
+    noise = torch.randn(ref.shape, generator=torch.Generator().manual_seed(25), dtype=torch.float64)
+    x = (ref + 0.1 * noise).clamp(0, 1)
+    for i in range(2):
+        a, b = x[i].numpy(), ref[i].numpy()
+        expected = metrics.structural_similarity(a, b, channel_axis=0, gaussian_weights=True, sigma=1.5,
+                                                 use_sample_covariance=False, data_range=1.0)
+        assert math.isclose(float(ssim(x, ref)[i]), expected, rel_tol=1e-9)
+        assert math.isclose(float(psnr(x, ref)[i]), metrics.peak_signal_noise_ratio(b, a, data_range=1.0),
+                            rel_tol=1e-9)
+    with pytest.raises(ValueError, match="x, ref"):
+        psnr(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 9))
+    with pytest.raises(ValueError, match="H, W > 10"):
+        ssim(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8))

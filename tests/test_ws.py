@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from scoreprior.likelihood import FourierDiagonalCovariance, GaussianLikelihood
 from scoreprior.nets import UNet
@@ -13,7 +12,7 @@ from scoreprior.sde import VPSDE, sde_from_config
 from scoreprior.training import NoisePredictionScore, TrainConfig, dsm_loss, train_score_model
 from scoreprior.ws import (
     GaussianWhitenedScore, Haze, WhitenedScore, WidthConditionedNet, WSProcess, build_ws_net, choose_lambda,
-    gaussian_spectrum, load_ws_model, mix_white, power_law_spectrum, psnr, spectrum_from_recipe, ssim,
+    gaussian_spectrum, load_ws_model, mix_white, power_law_spectrum, spectrum_from_recipe,
     sweep_lambda, ws_loss, ws_sample,
 )
 
@@ -319,17 +318,6 @@ def test_haze_noise_has_the_requested_spectrum():
     assert isinstance(lik, GaussianLikelihood) and math.isclose(lik.noise_energy(), float(0.09 * process.spectrum.pow(2).sum()))
 
 
-def test_psnr_and_ssim_match_skimage():
-    ref = torch.rand(2, 3, 24, 20, generator=gen(24), dtype=F64)
-    x = (ref + 0.1 * torch.randn(ref.shape, generator=gen(25), dtype=F64)).clamp(0, 1)
-    for i in range(2):
-        a, b = x[i].numpy(), ref[i].numpy()
-        expected = structural_similarity(a, b, channel_axis=0, gaussian_weights=True, sigma=1.5,
-                                         use_sample_covariance=False, data_range=1.0)
-        assert math.isclose(float(ssim(x, ref)[i]), expected, rel_tol=1e-9)
-        assert math.isclose(float(psnr(x, ref)[i]), peak_signal_noise_ratio(b, a, data_range=1.0), rel_tol=1e-9)
-
-
 def test_validation():
     process = process_8x8()
     model = GaussianWhitenedScore(*circulant_gaussian()[:2], process)
@@ -367,10 +355,6 @@ def test_validation():
         ws_sample(model, process, 2, (1, *SIZE), x_init=torch.zeros(3, 1, *SIZE), progress=False)
     with pytest.raises(ValueError, match="y: expected shape"):
         Haze(process.spectrum, 0.1).likelihood(torch.zeros(8, 8))
-    with pytest.raises(ValueError, match="x, ref"):
-        psnr(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 9))
-    with pytest.raises(ValueError, match="H, W > 10"):
-        ssim(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8))
     with pytest.raises(ValueError, match="widths"):
         WidthConditionedNet(UNet(2, channels=(8,), groups=4), widths=(2.0, 1.0))
     with pytest.raises(ValueError, match="width"):
