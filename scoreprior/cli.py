@@ -91,20 +91,18 @@ def _log_probs(
     *,
     batch_size: int,
     desc: str,
-    generator: torch.Generator | None = None,
+    seed: int,
     **options,
 ) -> tuple[Tensor, list[int]] | tuple[None, None]:
     """log p of every image in batches, the batches split across the ranks of a process group if any.
 
     The Hutchinson probes of the batch starting at image i come from a generator seeded with
-    item_seed(generator.initial_seed(), i): they depend on the batch's position only, not on the rank
-    or the batches before it, so any number of processes gives the same values.
+    item_seed(seed, i): they depend on the batch's position only, not on the rank or the batches before
+    it, so any number of processes gives the same values.
     Returns, on rank 0, (N,) nats on the CPU and the NFE per batch; (None, None) on the other ranks.
     """
     def one_batch(start: int) -> tuple[Tensor, int]:
-        probes = None
-        if generator is not None:
-            probes = torch.Generator(device=images.device).manual_seed(item_seed(generator.initial_seed(), start))
+        probes = torch.Generator(device=images.device).manual_seed(item_seed(seed, start))
         logp, stats = prior.log_prob(images[start:start + batch_size], generator=probes,
                                      return_stats=True, **options)
         return logp.detach().cpu(), stats["nfe"]
@@ -139,9 +137,7 @@ def _logprob(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.images}: expected images of shape (N, {shape}) for checkpoint "
                              f"{args.checkpoint}, got {tuple(images.shape)}")
         options = dict(divergence=args.divergence, n_probes=args.n_probes, rtol=args.rtol, atol=args.atol)
-        generator = torch.Generator(device=images.device).manual_seed(args.seed)
-        logp, nfes = _log_probs(prior, images, batch_size=args.batch_size, desc="log p", generator=generator,
-                                **options)
+        logp, nfes = _log_probs(prior, images, batch_size=args.batch_size, desc="log p", seed=args.seed, **options)
     if process.rank != 0:
         return 0
     bpd = bits_per_dim(logp, images[0].numel())
