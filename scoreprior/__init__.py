@@ -1,11 +1,22 @@
 """scoreprior: principled Bayesian imaging with score-based diffusion priors."""
 
+import os as _os
+
+# OpenMP threads that spin while they wait for a core held by another process made DPI 77x slower beside
+# another PyTorch job on 2 cores; PASSIVE makes them sleep instead. libgomp reads the variable once, when
+# torch loads it, i.e. at the first `import torch`, which the imports below do: the `scoreprior` command,
+# `python -m scoreprior.cli` and the studies all pass here first, before any torch import (the console
+# script imports scoreprior.cli, hence this package). A value the user set wins (OMP_WAIT_POLICY=ACTIVE
+# restores spinning); a program that imported torch before scoreprior keeps the runtime's default.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from scoreprior.density import ScorePrior, bits_per_dim
+from scoreprior.importance import PosteriorCheck, check_posterior, importance_draws
 from scoreprior.likelihood import DiagonalCovariance, FourierDiagonalCovariance, GaussianLikelihood, NoiseCovariance
 from scoreprior.nets import MLP, UNet, build_net
-from scoreprior.posterior import DPI
+from scoreprior.posterior import DPI, FitDiverged
 from scoreprior.pretrained import available_priors, pretrained
-from scoreprior.priors import GaussianPrior, gaussian_posterior
+from scoreprior.priors import GaussianPrior, gaussian_posterior, reference_posterior
 from scoreprior.samplers import dps, sample_prior, score_ald, sde_projection
 from scoreprior.scores import GaussianMixtureScore, GaussianScore
 from scoreprior.sde import SDE, VESDE, SubVPSDE, VPSDE, sde_from_config
@@ -21,9 +32,10 @@ __version__ = "0.1.0"
 __all__ = [
     "SDE", "VPSDE", "SubVPSDE", "VESDE", "sde_from_config",
     "GaussianScore", "GaussianMixtureScore",
-    "ScorePrior", "bits_per_dim", "SurrogatePrior", "GaussianPrior", "gaussian_posterior",
+    "ScorePrior", "bits_per_dim", "SurrogatePrior", "GaussianPrior", "gaussian_posterior", "reference_posterior",
+    "check_posterior", "importance_draws", "PosteriorCheck",
     "GaussianLikelihood", "NoiseCovariance", "DiagonalCovariance", "FourierDiagonalCovariance",
-    "UNet", "MLP", "build_net", "DPI",
+    "UNet", "MLP", "build_net", "DPI", "FitDiverged",
     "NoisePredictionScore", "EMA", "TrainConfig", "TrainResult", "dsm_loss", "train_score_model",
     "save_checkpoint", "load_checkpoint", "load_prior", "pretrained", "available_priors",
     "sample_prior", "dps", "score_ald", "sde_projection",

@@ -39,7 +39,13 @@ FUNCTIONALS: dict[str, Callable[[Tensor], Tensor]] = {
 
 
 def problem_generator(seed: int, index: int, device: torch.device | str | None = None) -> torch.Generator:
-    """The generator of problem `index` in a run seeded with `seed`: independent streams for all pairs."""
+    """The generator of problem `index` in a run seeded with `seed`: independent streams for all pairs.
+
+    seed, index: non-negative integers (numpy's SeedSequence takes no negative entropy).
+    """
+    for name, value in (("seed", seed), ("index", index)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"{name}: expected a non-negative integer, got {value!r}")
     state = int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint64)[0] >> 1)
     return torch.Generator(device=device or "cpu").manual_seed(state)
 
@@ -69,10 +75,10 @@ class DPIPosterior:
     prior: the log-prior DPI trains with (`log_prob(x) -> (B,)`), e.g. a GaussianPrior, SurrogatePrior or
         ScorePrior with `event_shape`. image_shape: (C, H, W).
     steps, batch_size, lr, n_flows, hidden, init_scale, prior_kwargs: as DPI / DPI.fit (warm-up: a tenth of
-        the steps, at most 100; cosine decay). The flow's seed and its latents come from the problem's
-        generator, and so does the seed given to the global RNG before each fit (which a SurrogatePrior's
-        times and a ScorePrior's Hutchinson probes use), so a problem's result does not depend on the
-        problems run before it in the same process.
+        the steps, at most 100; cosine decay). The flow's seed, its latents and the prior's randomness (a
+        SurrogatePrior's times, a ScorePrior's Hutchinson probes: `DPI.fit` hands them its generator) come
+        from the problem's generator, so a problem's result does not depend on the problems run before it
+        in the same process, and the global RNG is not touched.
     """
 
     def __init__(self, prior: object, image_shape: tuple[int, ...], *, steps: int = 300, batch_size: int = 64,
@@ -87,7 +93,6 @@ class DPIPosterior:
     def __call__(self, likelihood: GaussianLikelihood, n: int, *, generator: torch.Generator) -> dict[str, Tensor]:
         """Fit, then n draws: {"samples": (n, *image_shape), "log_q": (n,), "final_loss": 0-d, "skipped": 0-d}."""
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
-        torch.manual_seed(seed)  # surrogate times / Hutchinson probes use the global RNG: seed it per problem
         dpi = DPI(self.image_shape, n_flows=self.n_flows, hidden=self.hidden, init_scale=self.init_scale, seed=seed)
         history = dpi.fit(self.prior, likelihood, steps=self.steps, batch_size=self.batch_size, lr=self.lr,
                           warmup=min(100, self.steps // 10), prior_kwargs=self.prior_kwargs, progress=False,

@@ -6,6 +6,11 @@
     scoreprior posterior prior.pt --operator blur:1 --truth image.npy --sigma 0.1 --out posterior
 
 A thin layer over `scoreprior.training`, `scoreprior.density`, `scoreprior.posterior` and `scoreprior.data`.
+Wherever a checkpoint is expected, a shipped prior's name (`natural-32`, see
+`scoreprior.pretrained.available_priors`) or an exported prior file works too. Errors of the library
+(ValueError, TypeError, OSError, RuntimeError such as `FitDiverged`) end the command with a one-line
+message on stderr and exit status 2 (bad input) or 1 (a failed run); `--debug` shows the traceback.
+OMP_WAIT_POLICY is PASSIVE unless set (see `scoreprior/__init__.py`); `--threads N` sets torch's threads.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ import csv
 import hashlib
 import json
 import math
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,15 +31,19 @@ import torch
 from torch import Tensor
 
 from scoreprior.data import DATASETS, builtin_dataset, gaussian_field, load_images
-from scoreprior.density import ScorePrior, bits_per_dim
+from scoreprior.density import EXACT_MAX_DIM, ScorePrior, bits_per_dim
 from scoreprior.distributed import init_from_env, item_seed, map_sharded
+from scoreprior.importance import importance_draws
 from scoreprior.likelihood import GaussianLikelihood
 from scoreprior.nets import UNet
 from scoreprior.operators import FourierMask, FourierSubsample, GaussianBlur, Identity, Inpainting, LinearOperator
-from scoreprior.posterior import DPI
+from scoreprior.posterior import DPI, FitDiverged
+from scoreprior.pretrained import load_score_prior
+from scoreprior.priors import GaussianPrior, reference_posterior
+from scoreprior.samplers import sample_prior
 from scoreprior.sde import VESDE, SubVPSDE, VPSDE
 from scoreprior.surrogate import SurrogatePrior
-from scoreprior.training import TrainConfig, load_prior, train_score_model
+from scoreprior.training import TrainConfig, load_checkpoint, train_score_model
 
 __all__ = ["main"]
 
@@ -42,6 +53,64 @@ BPD_NOTE = (
     "bits/dim assumes 8-bit images scaled to [0, 1] and dequantized uniformly; "
     "for other data only log_prob (nats) is meaningful"
 )
+
+
+def _require_positive(args: argparse.Namespace, *names: str, minimum: int = 1) -> None:
+    """ValueError naming the option when an integer option is below `minimum`."""
+    for name in names:
+        value = getattr(args, name)
+        if value < minimum:
+            raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= {minimum}, got {value}")
+
+
+def _check_out(path: str | Path, option: str = "--out") -> Path:
+    """Fail before any work when `path` (a file or a folder to create) cannot be written.
+
+    Walks up to the nearest existing ancestor: it must be a folder we may write into; an existing
+    `path` must itself be writable. Nothing is created.
+    """
+    path = Path(path)
+    ancestor = path if path.exists() else path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if ancestor != path and not ancestor.is_dir():
+        raise ValueError(f"{option} {path}: {ancestor} is a file, not a folder")
+    target = path if path.exists() else ancestor
+    if not os.access(target, os.W_OK):
+        raise ValueError(f"{option} {path}: {target} is not writable")
+    return path
+
+
+def _check_device(text: str) -> None:
+    """ValueError naming --device for a string torch cannot parse or a CUDA device without CUDA."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device {text!r}: expected a torch device such as cpu, cuda or cuda:1") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"--device {text}: {why}; use --device cpu")
+
+
+def _load_prior(source: str, option: str, **kwargs) -> ScorePrior:
+    """A checkpoint, an exported prior file or a shipped prior's name, as a ScorePrior."""
+    try:
+        return load_score_prior(source, **kwargs)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{option} {err}") from None
+
+
+def _check_range(images: Tensor, prior: ScorePrior, what: str) -> None:
+    """Refuse images on another scale than the prior's training images (e.g. [0, 255] against [0, 1]):
+    values beyond the training range widened by its width on each side."""
+    if prior.data_range is None:
+        return
+    lo, hi = prior.data_range
+    width = max(hi - lo, 1e-12)
+    low, high = float(images.min()), float(images.max())
+    if low < lo - width or high > hi + width:
+        raise ValueError(f"{what}: pixel values in [{low:.4g}, {high:.4g}], but the prior was trained on images in "
+                         f"[{lo:.4g}, {hi:.4g}]; rescale them (e.g. divide 8-bit values by 255)")
 
 
 def _channels(text: str) -> tuple[int, ...]:
@@ -65,12 +134,24 @@ def _training_data(args: argparse.Namespace) -> tuple[Tensor, str]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+    _require_positive(args, "steps", "batch_size", "n", "size")
+    _require_positive(args, "warmup", "checkpoint_every", minimum=0)
+    _check_device(args.device)
+    out = _check_out(args.out)
     if out.exists() and not args.resume:
         raise ValueError(f"--out {out}: exists; pass --resume to continue training it, or remove it")
+    if out.exists():
+        done = load_checkpoint(out)["step"]
+        if done > args.steps:
+            raise ValueError(f"--steps {args.steps}: the checkpoint {out} has already done {done} steps; "
+                             f"pass --steps above {done} to train further")
+        if done == args.steps:
+            print(f"{out} has already done its {done} steps: nothing to train (pass a larger --steps to continue)")
+            return 0
     data, provenance = _training_data(args)
-    torch.manual_seed(args.seed)
-    net = UNet(data.shape[1], channels=args.channels)
+    with torch.random.fork_rng(devices=[]):  # the network's initialisation, without touching the global RNG
+        torch.manual_seed(args.seed)
+        net = UNet(data.shape[1], channels=args.channels)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                          seed=args.seed, checkpoint_every=args.checkpoint_every)
     with init_from_env(args.device) as process:  # under torchrun: DDP, batch_size images per process
@@ -92,6 +173,7 @@ def _log_probs(
     batch_size: int,
     desc: str,
     seed: int,
+    progress: bool = False,
     **options,
 ) -> tuple[Tensor, list[int]] | tuple[None, None]:
     """log p of every image in batches, the batches split across the ranks of a process group if any.
@@ -99,12 +181,13 @@ def _log_probs(
     The Hutchinson probes of the batch starting at image i come from a generator seeded with
     item_seed(seed, i): they depend on the batch's position only, not on the rank or the batches before
     it, so any number of processes gives the same values.
+    progress: a counter of the solver's function evaluations within each batch.
     Returns, on rank 0, (N,) nats on the CPU and the NFE per batch; (None, None) on the other ranks.
     """
     def one_batch(start: int) -> tuple[Tensor, int]:
         probes = torch.Generator(device=images.device).manual_seed(item_seed(seed, start))
         logp, stats = prior.log_prob(images[start:start + batch_size], generator=probes,
-                                     return_stats=True, **options)
+                                     return_stats=True, progress=progress, **options)
         return logp.detach().cpu(), stats["nfe"]
 
     batches = map_sharded(one_batch, range(0, images.shape[0], batch_size), desc=desc)
@@ -126,18 +209,25 @@ def _write_table(path: Path, rows: list[dict], meta: dict) -> None:
 
 
 def _logprob(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+    _require_positive(args, "batch_size", "n_probes")
+    _check_device(args.device)
+    out = _check_out(args.out)
     if out.suffix not in (".csv", ".json"):
         raise ValueError(f"--out {out}: expected a .csv or .json file name")
     with init_from_env(args.device) as process:
-        prior = load_prior(args.checkpoint, t0=args.t0, device=process.device, use_ema=not args.no_ema)
+        prior = _load_prior(args.checkpoint, "checkpoint", t0=args.t0, device=process.device,
+                            use_ema=not args.no_ema)
         images = load_images(args.images).to(process.device)
         if images.shape[1:] != prior.event_shape:
             shape = ", ".join(map(str, prior.event_shape))
             raise ValueError(f"{args.images}: expected images of shape (N, {shape}) for checkpoint "
                              f"{args.checkpoint}, got {tuple(images.shape)}")
+        _check_range(images, prior, str(args.images))
         options = dict(divergence=args.divergence, n_probes=args.n_probes, rtol=args.rtol, atol=args.atol)
-        logp, nfes = _log_probs(prior, images, batch_size=args.batch_size, desc="log p", seed=args.seed, **options)
+        if args.divergence == "auto":
+            options["divergence"] = "exact" if images[0].numel() <= EXACT_MAX_DIM else "hutchinson"
+        logp, nfes = _log_probs(prior, images, batch_size=args.batch_size, desc="log p", seed=args.seed,
+                                progress=process.rank == 0, **options)
     if process.rank != 0:
         return 0
     bpd = bits_per_dim(logp, images[0].numel())
@@ -155,8 +245,10 @@ def _logprob(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from scoreprior.demo import DemoConfig, run_demo
 
+    _check_out(args.out)
     config = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)
     if args.steps is not None:
+        _require_positive(args, "steps")
         config.steps = args.steps
     run_demo(args.out, config)
     return 0
@@ -250,11 +342,18 @@ def _posterior(args: argparse.Namespace) -> int:
     _parse_operator(args.operator)  # a bad spec fails before anything is loaded
     if args.n_samples < 2:
         raise ValueError(f"--n-samples: expected at least 2 draws for a standard deviation, got {args.n_samples}")
-    out = Path(args.out)
-    torch.manual_seed(args.seed)  # Hutchinson probes and the surrogate's times/noise use the global RNG
+    if args.check and not 25 <= args.check <= args.n_samples:
+        raise ValueError(f"--check: expected 0 or a number of draws in [25, --n-samples = {args.n_samples}] "
+                         f"(PSIS needs 25), got {args.check}")
+    if args.reference_samples == 1 or args.reference_samples < 0:
+        raise ValueError(f"--reference-samples: expected 0 (no reference) or at least 2 draws, got "
+                         f"{args.reference_samples}")
+    _require_positive(args, "steps", "batch_size", "n_flows")
+    _require_positive(args, "warmup", minimum=0)
+    out = _check_out(args.out)
     generator = torch.Generator().manual_seed(args.seed)
 
-    prior = load_prior(args.checkpoint, t0=args.t0)
+    prior = _load_prior(args.checkpoint, "checkpoint", t0=args.t0)
     image_shape = tuple(prior.event_shape)
     truth = None
     if args.truth is not None:
@@ -262,6 +361,7 @@ def _posterior(args: argparse.Namespace) -> int:
         if tuple(truth.shape[1:]) != image_shape:
             raise ValueError(f"--truth {args.truth}: expected images of shape (N, {', '.join(map(str, image_shape))}) "
                              f"for checkpoint {args.checkpoint}, got {tuple(truth.shape)}")
+        _check_range(truth, prior, f"--truth {args.truth}")
     operator = _build_operator(args.operator, image_shape, generator)
     likelihood = _measurement(args, operator, image_shape, truth, generator)
 
@@ -272,7 +372,8 @@ def _posterior(args: argparse.Namespace) -> int:
         log_prior = SurrogatePrior(prior.score, prior.sde, t0=prior.t0, n_time_samples=4,
                                    event_shape=image_shape)
         prior_kwargs = None
-    dpi = DPI(image_shape, n_flows=args.n_flows, seed=args.seed)
+    reference = _reference(prior, likelihood, args)
+    dpi = DPI(image_shape, n_flows=args.n_flows, seed=args.seed, reference=reference)
     print(f"fitting a DPI posterior ({args.n_flows} flow steps) for {operator!r}, sigma {args.sigma}, "
           f"{args.prior} prior from {args.checkpoint}, {args.steps} steps of {args.batch_size} draws")
     start = time.perf_counter()
@@ -307,7 +408,34 @@ def _posterior(args: argparse.Namespace) -> int:
         rmse = (mean - truth[0]).square().mean().sqrt().item()
         print(f"posterior mean RMSE to the truth {rmse:.4g}, mean posterior std {std.mean().item():.4g}")
     print(f"wrote {out / 'samples.npz'}, {out / 'posterior.png'} and {out / 'history.json'}")
+    if args.check:
+        options = dict(divergence="hutchinson", n_probes=args.check_probes, rtol=1e-3, atol=1e-3)
+        print(f"weighing {args.check} draws with the exact ODE density ({args.check_probes} probes x 2 repeats)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the verdict is printed below
+            check = importance_draws(samples[:args.check], log_q[:args.check], prior, likelihood,
+                                     log_prob_kwargs=options, generator=torch.Generator().manual_seed(args.seed + 2),
+                                     progress=True)
+        (out / "check.json").write_text(json.dumps(check.to_dict(), indent=2))
+        print(f"exact-density check: {check.verdict}\nwrote {out / 'check.json'}")
     return 0
+
+
+def _reference(prior: ScorePrior, likelihood: GaussianLikelihood, args: argparse.Namespace) -> GaussianPrior | None:
+    """The flow's Gaussian reference from --reference-samples unconditional draws of the prior, or None."""
+    if not args.reference_samples:
+        return None
+    start = time.perf_counter()
+    draws = sample_prior(prior.score, prior.sde, args.reference_samples, tuple(prior.event_shape),
+                         steps=args.reference_steps, t0=prior.t0,
+                         generator=torch.Generator().manual_seed(args.seed + 3), progress=True)
+    a0, s0 = (float(v) for v in prior.sde.marginal(torch.tensor([prior.t0], dtype=torch.float64)))
+    # The draws are of p_t0 (noise s0 included); the floor brings the reference to the 2 s0^2 / a0^2
+    # smoothing of the density the surrogate bounds.
+    reference = reference_posterior(draws / a0, likelihood, floor=(s0 / a0) ** 2)
+    print(f"Gaussian reference from {args.reference_samples} prior draws ({args.reference_steps} sampler steps) "
+          f"in {time.perf_counter() - start:.0f} s")
+    return reference
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -315,16 +443,17 @@ def _calibrate(args: argparse.Namespace) -> int:
     from scoreprior.priors import GaussianPrior
 
     _parse_operator(args.operator)  # a bad spec fails before anything is loaded
-    for name in ("n_problems", "n_samples"):
-        if getattr(args, name) < 2:
-            raise ValueError(f"--{name.replace('_', '-')}: expected at least 2, got {getattr(args, name)}")
+    _require_positive(args, "n_problems", "n_samples", minimum=2)
+    _require_positive(args, "first", "seed", minimum=0)
+    _require_positive(args, "dpi_steps", "size")
+    _check_out(args.out)
     if args.prior == "gaussian":
         image_shape = (1, args.size, args.size)
         truth_prior = log_prior = GaussianPrior(*gaussian_field(args.size, args.size))
     else:
         if args.method == "exact":
             raise ValueError("--method exact: the exact posterior needs the prior 'gaussian', not a checkpoint")
-        score_prior = load_prior(args.prior, t0=args.t0)
+        score_prior = _load_prior(args.prior, "prior", t0=args.t0)
         image_shape = tuple(score_prior.event_shape)
         if image_shape[0] != 1:
             raise ValueError(f"{args.prior}: expected a prior of grey images (1, H, W), got {image_shape}")
@@ -359,13 +488,25 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+PRIOR_HELP = ("checkpoint written by `scoreprior train`, an exported prior file, or a shipped prior's name "
+              "(blackhole-32, natural-16, natural-32, faces-24, gaussian-16)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scoreprior", description=__doc__.split("\n")[0])
+    # --debug and --threads go before or after the command. The parsers share these actions: with a
+    # SUPPRESS default, a subcommand leaves a value given before it alone (main reads them with getattr).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error instead of a one-line message")
+    common.add_argument("--threads", type=int, default=argparse.SUPPRESS, metavar="N",
+                        help="torch intra-op threads (default: torch's, one per core; 1 is often as fast for "
+                             "these small tensors and never slowed down by other busy processes)")
+    parser = argparse.ArgumentParser(prog="scoreprior", description=__doc__.split("\n")[0], parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
 
     defaults = argparse.ArgumentDefaultsHelpFormatter
     train = sub.add_parser("train", help="train a U-Net score prior by denoising score matching",
-                           formatter_class=defaults)
+                           formatter_class=defaults, parents=[common])
     train.add_argument("--data", required=True,
                        help=f"images (.npy/.npz, (N, H, W) or (N, C, H, W)) or a built-in dataset {list(DATASETS)}")
     train.add_argument("--out", required=True, help="checkpoint file to write")
@@ -385,12 +526,14 @@ def _parser() -> argparse.ArgumentParser:
 
     logprob = sub.add_parser("logprob", help="log-density of images under a trained prior",
                              description=f"Per-image log p (nats) and bits/dim; {BPD_NOTE}.",
-                             formatter_class=defaults)
-    logprob.add_argument("checkpoint", help="checkpoint written by `scoreprior train`")
+                             formatter_class=defaults, parents=[common])
+    logprob.add_argument("checkpoint", help=PRIOR_HELP)
     logprob.add_argument("images", help=".npy/.npz images shaped like the training data")
     logprob.add_argument("--out", required=True, help="results file, .csv or .json")
-    logprob.add_argument("--divergence", choices=("exact", "hutchinson"), default="exact",
-                         help="exact Jacobian trace (H W backward passes per step) or Hutchinson's estimate")
+    logprob.add_argument("--divergence", choices=("auto", "exact", "hutchinson"), default="auto",
+                         help="exact Jacobian trace (C H W backward passes per step), Hutchinson's estimate "
+                              f"(n-probes passes), or auto: exact up to {EXACT_MAX_DIM} pixels per image, "
+                              "Hutchinson above (exact at 32x32 takes over 15 min per image)")
     logprob.add_argument("--n-probes", type=int, default=1, help="Hutchinson probes per image")
     logprob.add_argument("--rtol", type=float, default=1e-5, help="ODE solver relative tolerance")
     logprob.add_argument("--atol", type=float, default=1e-5, help="ODE solver absolute tolerance")
@@ -407,7 +550,7 @@ def _parser() -> argparse.ArgumentParser:
                                       "the surrogate prior, check posterior draws with the exact ODE log-density, "
                                       "and write report.png, samples.nc and metrics.json. A few minutes on two "
                                       "CPU cores.",
-                          formatter_class=defaults)
+                          formatter_class=defaults, parents=[common])
     demo.add_argument("--out", default="scoreprior-demo", help="output folder")
     demo.add_argument("--steps", type=int, default=None, help="DPI steps (default 600, --quick 60)")
     demo.add_argument("--quick", action="store_true", help="a smoke test of the whole pipeline, unconverged")
@@ -418,8 +561,8 @@ def _parser() -> argparse.ArgumentParser:
                                description="Fit a normalizing-flow posterior (Deep Probabilistic Imaging) to a "
                                            "measurement y = A x + noise under a trained score prior; write "
                                            "samples.npz, posterior.png and history.json into --out.",
-                               formatter_class=defaults)
-    posterior.add_argument("checkpoint", help="checkpoint written by `scoreprior train`")
+                               formatter_class=defaults, parents=[common])
+    posterior.add_argument("checkpoint", help=PRIOR_HELP)
     posterior.add_argument("--operator", required=True,
                            help=f"forward model A, one of {OPERATOR_SPECS} (random masks seeded by --seed; "
                                 "fourier-mask masks are in fft2 order)")
@@ -440,6 +583,14 @@ def _parser() -> argparse.ArgumentParser:
     posterior.add_argument("--n-flows", type=int, default=16, help="flow steps of the RealNVP posterior")
     posterior.add_argument("--n-samples", type=int, default=256, help="posterior draws written and summarised")
     posterior.add_argument("--seed", type=int, default=0, help="seeds masks, simulated noise, flow and draws")
+    posterior.add_argument("--reference-samples", type=int, default=128,
+                           help="unconditional prior draws whose Gaussian posterior the flow starts from (0: none, "
+                                "the flow starts at N(0, I) and tends to collapse on large images)")
+    posterior.add_argument("--reference-steps", type=int, default=100, help="sampler steps for those draws")
+    posterior.add_argument("--check", type=int, default=0, metavar="N",
+                           help="weigh N >= 25 draws with the exact ODE density: PSIS k̂, ESS and a verdict in "
+                                "check.json (0: no check; minutes per 32 draws at 32x32)")
+    posterior.add_argument("--check-probes", type=int, default=4, help="Hutchinson probes per evaluation of that check")
     posterior.set_defaults(run=_posterior)
 
     calibrate = sub.add_parser("calibrate", help="coverage, SBC and TARP of a posterior over many simulated problems",
@@ -449,9 +600,10 @@ def _parser() -> argparse.ArgumentParser:
                                            "summary_<method>.png and samples.npz into --out. Problem i depends "
                                            "on (--seed, i) only, so runs over disjoint --first ranges can be "
                                            "merged.",
-                               formatter_class=defaults)
-    calibrate.add_argument("prior", help="'gaussian' (the gaussian-field model, closed form) or a checkpoint written "
-                                         "by `scoreprior train` on gaussian-field images (DPI with its surrogate)")
+                               formatter_class=defaults, parents=[common])
+    calibrate.add_argument("prior", help="'gaussian' (the gaussian-field model, closed form), or a checkpoint, "
+                                         "exported prior or shipped prior of grey images (DPI with its surrogate; "
+                                         "the truths are gaussian-field images)")
     calibrate.add_argument("--operator", required=True, help=f"forward model A, one of {OPERATOR_SPECS}")
     calibrate.add_argument("--sigma", type=float, required=True, help="noise std per measurement, units of y")
     calibrate.add_argument("--out", required=True, help="output folder")
@@ -470,14 +622,33 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_BAD_INPUT = (ValueError, TypeError, OSError, ImportError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `scoreprior` command; returns the exit status."""
+    """Entry point of the `scoreprior` command; returns the exit status.
+
+    A library error becomes one line on stderr: status 2 for bad input (ValueError, TypeError, OSError
+    such as FileNotFoundError, ImportError), 1 for a failed run (RuntimeError, `FitDiverged` among them).
+    With --debug the exception propagates with its traceback.
+    """
     args = _parser().parse_args(argv)
+    threads = getattr(args, "threads", None)
     try:
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"--threads: expected an integer >= 1, got {threads}")
+            torch.set_num_threads(threads)
         return args.run(args)
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"scoreprior {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except (*_BAD_INPUT, RuntimeError) as err:
+        if getattr(args, "debug", False):
+            raise
+        status = 2 if isinstance(err, _BAD_INPUT) else 1
+        text = " ".join(str(err).split()) or type(err).__name__
+        kind = "" if isinstance(err, (ValueError, FileNotFoundError, FitDiverged)) else f"{type(err).__name__}: "
+        hint = " (--debug shows the traceback)" if status == 1 else ""
+        print(f"scoreprior {args.command}: error: {kind}{text}{hint}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ data density p_{t0} to the reference density p_T. The instantaneous change of va
 
 integrated here as the state (x_t, int div) with torchdiffeq (Feng et al., ICCV 2023). Only the
 score's Jacobian trace is computed, exactly (vmap over chunks of basis vectors) or by Hutchinson with
-probes fixed for the solve.
+probes fixed for the solve. The default, divergence="auto", is exact up to EXACT_MAX_DIM = 256 numbers
+per image and Hutchinson above: an exact evaluation costs about d backward passes, so at 32 x 32
+(d = 1024) one image at rtol = atol = 1e-5 took more than 15 minutes on 2 CPU cores (16 x 16: 22 s).
 
 Scaled state: with v(t) = a(t)^2 + s(t)^2, the marginal variance of unit-Gaussian data N(0, I), the
 solver integrates y = x / sqrt(v) and the divergence in y-coordinates,
@@ -27,16 +29,19 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
+from tqdm.auto import tqdm
 
 from scoreprior.sde import SDE, per_sample
 
-__all__ = ["ScorePrior", "bits_per_dim", "check_images"]
+__all__ = ["EXACT_MAX_DIM", "ScorePrior", "bits_per_dim", "check_images"]
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
 # Basis vectors per vmap call are capped so that one chunk of cotangents holds at most this many numbers.
 _MAX_CHUNK_ELEMENTS = 2**24
 _ADAPTIVE_SOLVERS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+EXACT_MAX_DIM = 256
+"""Largest image size d (numbers per image) for which divergence="auto" takes the exact trace."""
 
 
 def bits_per_dim(log_prob: Tensor, dim: int, *, data_range: float = 1.0) -> Tensor:
@@ -73,9 +78,11 @@ class _Dynamics(nn.Module):
     """
 
     def __init__(
-        self, score: ScoreFn, sde: SDE, times: Tensor, probes: Tensor | None, chunk: int, stats: dict
+        self, score: ScoreFn, sde: SDE, times: Tensor, probes: Tensor | None, chunk: int, stats: dict,
+        bar: tqdm | None = None,
     ):
         super().__init__()
+        self.bar = bar
         self.score = score
         self.sde = sde
         self.t_min, self.t_max = times.min().item(), times.max().item()
@@ -110,6 +117,8 @@ class _Dynamics(nn.Module):
 
     def forward(self, t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         self.stats[self.counter] += 1
+        if self.bar is not None:
+            self.bar.update(1)
         y = state[0]
         # No gradient w.r.t. time is needed: a graph through t would make the adjoint integrate a stiff,
         # unused dL/dt term. The clamp keeps the solver's trial evaluations (initial step selection)
@@ -135,7 +144,9 @@ class ScorePrior:
     score: any callable `score(x, t) -> tensor shaped like x`, x (B, *event_shape), t a (B,) tensor;
     sde: the forward SDE the score belongs to; t0: the smallest time, log p is that of p_{t0};
     event_shape: shape of one image, checked on input (read from `score.event_shape` when present);
-    terminal_log_prob: callable x_T (B, *event_shape) -> (B,) replacing the SDE's reference density at T.
+    terminal_log_prob: callable x_T (B, *event_shape) -> (B,) replacing the SDE's reference density at T;
+    data_range: (lo, hi) of the images the score was trained on, when known (`load_prior` reads it from
+    the checkpoint; the shipped priors: (0, 1)), so that callers can catch images on another scale.
     Gradients flow to x and to any score parameters that require grad, with or without the adjoint;
     without grad mode or an x that requires grad no graph is built.
     """
@@ -148,9 +159,14 @@ class ScorePrior:
         t0: float = 1e-5,
         event_shape: tuple[int, ...] | None = None,
         terminal_log_prob: Callable[[Tensor], Tensor] | None = None,
+        data_range: tuple[float, float] | None = None,
     ):
         if not callable(score):
             raise TypeError(f"score: expected a callable score(x, t), got {type(score).__name__}")
+        if data_range is not None and not (len(data_range) == 2 and all(math.isfinite(v) for v in data_range)
+                                           and data_range[0] <= data_range[1]):
+            raise ValueError(f"data_range: expected (lo, hi) with lo <= hi, got {data_range!r}")
+        self.data_range = None if data_range is None else (float(data_range[0]), float(data_range[1]))
         if not 0.0 < t0 < sde.T:
             raise ValueError(f"t0: expected 0 < t0 < {sde.T}, got {t0}")
         self.score = score
@@ -167,7 +183,7 @@ class ScorePrior:
         self,
         x: Tensor,
         *,
-        divergence: str = "exact",
+        divergence: str = "auto",
         n_probes: int = 1,
         probe: str = "rademacher",
         rtol: float = 1e-5,
@@ -178,26 +194,32 @@ class ScorePrior:
         generator: torch.Generator | None = None,
         chunk_size: int | None = None,
         return_stats: bool = False,
+        progress: bool = False,
     ) -> Tensor | tuple[Tensor, dict]:
         """log p_{t0}(x) in nats.
 
         x: (B, *event_shape). divergence: "exact" (trace of the score Jacobian, batched over basis
-        chunks of `chunk_size` vectors) or "hutchinson" (`n_probes` Rademacher or Gaussian probes drawn
-        once with `generator` and reused at every evaluation of the solve, backward pass included).
+        chunks of `chunk_size` vectors, about d backward passes per evaluation), "hutchinson" (`n_probes`
+        Rademacher or Gaussian probes drawn once with `generator` and reused at every evaluation of the
+        solve, backward pass included: an unbiased estimate, one backward pass per probe) or "auto"
+        (default: exact when d = x[0].numel() <= EXACT_MAX_DIM = 256, Hutchinson above; pass a
+        `generator` for reproducible probes).
         rtol, atol: torchdiffeq tolerances for the image state; the log-density integral is held to the
         absolute tolerance `logp_atol` (nats per step, default atol). method: a torchdiffeq solver.
         adjoint: gradients by the continuous adjoint (memory flat in the number of solver steps).
         Gradients w.r.t. x are built only when grad mode is on and x requires grad.
+        progress: show a tqdm counter of the solver's function evaluations (its total is not known ahead).
 
         Returns (B,) log-densities, and with return_stats a dict: "nfe" (evaluations of the forward
-        solve) and "nfe_backward" (adjoint evaluations, filled in when backward runs).
+        solve), "nfe_backward" (adjoint evaluations, filled in when backward runs) and "divergence"
+        (the method used: "exact" or "hutchinson").
         """
         check_images(x, self.event_shape)
         for name, tol in (("rtol", rtol), ("atol", atol), ("logp_atol", atol if logp_atol is None else logp_atol)):
             if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
                 raise ValueError(f"{name}: expected a positive finite number, got {tol!r}")
-        if divergence not in ("exact", "hutchinson"):
-            raise ValueError(f"divergence: expected 'exact' or 'hutchinson', got {divergence!r}")
+        if divergence not in ("auto", "exact", "hutchinson"):
+            raise ValueError(f"divergence: expected 'auto', 'exact' or 'hutchinson', got {divergence!r}")
         if not isinstance(n_probes, int) or n_probes < 1:
             raise ValueError(f"n_probes: expected a positive integer, got {n_probes!r}")
         if probe not in ("rademacher", "gaussian"):
@@ -206,6 +228,8 @@ class ScorePrior:
             raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size!r}")
 
         d = x[0].numel()
+        if divergence == "auto":
+            divergence = "exact" if d <= EXACT_MAX_DIM else "hutchinson"
         probes = None
         if divergence == "hutchinson":
             shape = (n_probes,) + tuple(x.shape)
@@ -213,9 +237,10 @@ class ScorePrior:
             if probe == "rademacher":
                 probes = probes.sign()
         chunk = chunk_size or max(1, min(d, _MAX_CHUNK_ELEMENTS // (x.shape[0] * d)))
-        stats = {"nfe": 0, "nfe_backward": 0}
+        stats = {"nfe": 0, "nfe_backward": 0, "divergence": divergence}
         times = torch.tensor([self.t0, self.sde.T], dtype=x.dtype, device=x.device)
-        dynamics = _Dynamics(self.score, self.sde, times, probes, chunk, stats)
+        bar = tqdm(desc=f"log p ({divergence})", unit="nfe", disable=not progress, leave=False, dynamic_ncols=True)
+        dynamics = _Dynamics(self.score, self.sde, times, probes, chunk, stats, bar)
         # Adaptive solvers may step past the end of the interval and interpolate back; step_t makes
         # them land on it, so the dynamics are never evaluated outside [t0, T].
         options = {"step_t": times} if method in _ADAPTIVE_SOLVERS else None
@@ -226,7 +251,7 @@ class ScorePrior:
         # loosen with the size of log p, i.e. with the image dimension.
         rtols, atols = (rtol, 0.0), (atol, atol if logp_atol is None else logp_atol)
         needs_grad = torch.is_grad_enabled() and x.requires_grad
-        with torch.set_grad_enabled(needs_grad):
+        with torch.set_grad_enabled(needs_grad), bar:
             if adjoint and needs_grad:
                 params = tuple(p for p in getattr(self.score, "parameters", tuple)() if p.requires_grad)
                 ys, deltas = odeint_adjoint(
@@ -235,7 +260,7 @@ class ScorePrior:
                 )
             else:
                 ys, deltas = odeint(dynamics, state, times, rtol=rtols, atol=atols, method=method, options=options)
-        dynamics.counter = "nfe_backward"
+        dynamics.counter, dynamics.bar = "nfe_backward", None
         offset = 0.5 * x[0].numel() * (v[1] / v[0]).log()
         logp = self.terminal_log_prob(v[1].sqrt() * ys[-1]) + deltas[-1] + offset
         return (logp, stats) if return_stats else logp

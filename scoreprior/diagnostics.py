@@ -9,8 +9,8 @@ Conventions:
   credible intervals cover the truth at their nominal level, and TARP's expected coverage lies on the
   diagonal (Lemos et al. 2023).
 - Numerical results are tensors on the input's device and dtype; p-values and bands come from scipy
-  (float64 tensors on the input's device). ArviZ, xarray and scipy are the optional extra
-  `scoreprior[diagnostics]`, imported only by the functions that need them.
+  (float64 tensors on the input's device). ArviZ, xarray and scipy (core dependencies) are imported
+  only by the functions that need them, which keeps `import scoreprior` light.
 """
 
 from __future__ import annotations
@@ -45,11 +45,11 @@ __all__ = [
 IMAGE_DIMS = {2: ("row", "col"), 3: ("channel", "row", "col")}
 """Names of the image dimensions in a DataTree, by the number of image dimensions."""
 
-_EXTRA = "install the diagnostics extra: `pip install scoreprior[diagnostics]`"
+_EXTRA = "a dependency of scoreprior; reinstall it (`pip install -e .` in a clone)"
 
 
 def _require(module: str):
-    """Import an optional dependency of this module, or raise ImportError naming the extra."""
+    """Import a dependency lazily (kept out of `import scoreprior`); ImportError saying to reinstall."""
     import importlib
 
     try:
@@ -436,16 +436,27 @@ def linear_fit(x: object, y: object) -> dict[str, float]:
 
 
 def psnr(x: Tensor, ref: Tensor, *, data_range: float = 1.0) -> Tensor:
-    """Peak signal-to-noise ratio 10 log10(data_range^2 / mean (x - ref)^2) in dB. x, ref: (B, C, H, W) -> (B,)."""
-    _check_pair(x, ref)
+    """Peak signal-to-noise ratio 10 log10(data_range^2 / mean (x - ref)^2) in dB.
+
+    x, ref: (B, C, H, W) -> (B,), or one image each (C, H, W) -> a 0-d tensor.
+    """
+    unbatched = _check_pair(x, ref)
+    if unbatched:
+        return psnr(x[None], ref[None], data_range=data_range)[0]
     mse = (x - ref).pow(2).flatten(1).mean(1)
     return 10 * torch.log10(data_range**2 / mse)
 
 
-def _check_pair(x: object, ref: object) -> None:
-    if not isinstance(x, Tensor) or not isinstance(ref, Tensor) or x.ndim != 4 or x.shape != ref.shape:
-        raise ValueError(f"x, ref: expected two tensors of the same shape (B, C, H, W), got "
-                         f"{getattr(x, 'shape', type(x).__name__)} and {getattr(ref, 'shape', type(ref).__name__)}")
+def _check_pair(x: object, ref: object) -> bool:
+    """Validate two image batches of one shape; returns True for a pair of single (C, H, W) images."""
+    def shape(v: object) -> str:
+        return str(tuple(v.shape)) if isinstance(v, Tensor) else type(v).__name__
+
+    if not isinstance(x, Tensor) or not isinstance(ref, Tensor) or x.ndim not in (3, 4):
+        raise ValueError(f"x, ref: expected two tensors (B, C, H, W) or (C, H, W), got {shape(x)} and {shape(ref)}")
+    if x.shape != ref.shape:
+        raise ValueError(f"x, ref: expected the same shape, got x {shape(x)} and ref {shape(ref)}")
+    return x.ndim == 3
 
 
 def ssim(x: Tensor, ref: Tensor, *, data_range: float = 1.0, sigma: float = 1.5) -> Tensor:
@@ -456,9 +467,11 @@ def ssim(x: Tensor, ref: Tensor, *, data_range: float = 1.0, sigma: float = 1.5)
         SSIM = (2 mu_x mu_y + C1)(2 cov_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(var_x + var_y + C2)),
     C1 = (0.01 L)^2, C2 = (0.03 L)^2, L = data_range, averaged over the windows lying fully inside the
     image and over channels: skimage's structural_similarity(gaussian_weights=True, sigma=1.5,
-    use_sample_covariance=False, data_range=L). x, ref: (B, C, H, W), H, W > 2 r -> (B,).
+    use_sample_covariance=False, data_range=L). x, ref: (B, C, H, W), H, W > 2 r -> (B,), or one image
+    each (C, H, W) -> a 0-d tensor.
     """
-    _check_pair(x, ref)
+    if _check_pair(x, ref):
+        return ssim(x[None], ref[None], data_range=data_range, sigma=sigma)[0]
     r = int(3.5 * sigma + 0.5)
     if min(x.shape[-2:]) <= 2 * r:
         raise ValueError(f"x: expected H, W > {2 * r} for sigma = {sigma}, got shape {tuple(x.shape)}")

@@ -66,9 +66,12 @@ def init_from_env(device: str | torch.device | None = None) -> Iterator[ProcessI
 
     device: where this process computes (default: "cuda" if available, else "cpu"). A CUDA device
     without an index becomes cuda:LOCAL_RANK, one GPU per process, and is made the current device.
-    Yields a `ProcessInfo` (rank, world, device).
+    Yields a `ProcessInfo` (rank, world, device). ValueError when a CUDA device is asked for without CUDA.
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"device: {str(device)!r} requested, but {why}; use 'cpu'")
     launched = "WORLD_SIZE" in os.environ and not (dist.is_available() and dist.is_initialized())
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -3,11 +3,19 @@
 The files in `scoreprior/pretrained/` are slim exports of training checkpoints (`export_pretrained`):
 only the EMA weights (parameters in float16 by default, which keeps each file near 1 MB), the network
 and SDE configs, the event shape, and metadata about the training run (data provenance, steps, wall
-time, final loss). `studies/train_priors.py` trains and exports them reproducibly.
+time, final loss). `studies/train_priors.py` trains and exports them reproducibly. Exports hold the
+SHA-256 of their weights, checked on load with their finiteness (the files shipped before digests were
+stored are checked for finiteness only): a damaged file is refused with its name.
 
+    import torch
     from scoreprior.pretrained import available_priors, pretrained
-    prior = pretrained("blackhole-32")          # a ScorePrior on (1, 32, 32) images
-    log_p = prior.log_prob(images)              # nats
+    prior = pretrained("blackhole-32")          # a ScorePrior on (1, 32, 32) images in [0, 1]
+    images = torch.rand(2, 1, 32, 32)
+    log_p = prior.log_prob(images, generator=torch.Generator().manual_seed(0))   # (2,) nats, ~5 s per image
+    # 32 x 32 is above EXACT_MAX_DIM: divergence="auto" takes Hutchinson's trace (seeded by the generator);
+    # n_probes=4 lowers its noise, rtol=atol=1e-3 halves the time.
+
+`load_score_prior` takes a shipped prior's name, an export or a training checkpoint alike (the CLI uses it).
 """
 
 from __future__ import annotations
@@ -20,15 +28,27 @@ import torch
 from scoreprior.density import ScorePrior
 from scoreprior.nets import build_net
 from scoreprior.sde import sde_from_config
-from scoreprior.training import NoisePredictionScore, atomic_save, load_checkpoint, read_checkpoint_file
+from scoreprior.training import (
+    CHECKPOINT_FORMAT,
+    NoisePredictionScore,
+    atomic_save,
+    check_weights,
+    load_checkpoint,
+    load_prior,
+    read_checkpoint_file,
+    weights_sha256,
+)
 
 __all__ = ["PRETRAINED_DIR", "PRETRAINED_FORMAT", "available_priors", "export_pretrained", "load_pretrained",
-           "pretrained"]
+           "load_score_prior", "pretrained"]
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 PRETRAINED_FORMAT = "scoreprior-pretrained"
 PRETRAINED_VERSION = 1
 _REQUIRED_KEYS = ("version", "net_config", "sde_config", "event_shape", "weights", "metadata")
+# Exports written before data ranges were recorded: every shipped prior was trained on images in [0, 1]
+# (the PCA Gaussian's draws reach [-0.75, 1.37]).
+_DEFAULT_DATA_RANGE = (0.0, 1.0)
 
 
 def export_pretrained(
@@ -42,8 +62,9 @@ def export_pretrained(
 
     Keeps the EMA weights only, with the network's parameters cast to `dtype` (buffers such as the
     Fourier frequencies stay as they are), the net and SDE configs and the event shape. metadata:
-    JSON-like entries (numbers, strings, lists, dicts) stored with "provenance", "steps" and
-    "train_config" read from the checkpoint; entries given here win. Written atomically.
+    JSON-like entries (numbers, strings, lists, dicts) stored with "provenance", "steps",
+    "train_config" and "data_range" read from the checkpoint; entries given here win. The weights'
+    SHA-256 is stored under "weights_sha256" and checked on load. Written atomically.
     Returns the path written.
     """
     full = load_checkpoint(checkpoint)
@@ -51,7 +72,7 @@ def export_pretrained(
     weights = {name: value.to(dtype) if name in parameters else value
                for name, value in full["ema"]["shadow"].items()}
     info = {"provenance": full.get("provenance"), "steps": full["step"], "train_config": full.get("train_config"),
-            **(metadata or {})}
+            **({"data_range": full["data_range"]} if full.get("data_range") is not None else {}), **(metadata or {})}
     # A JSON round trip turns str/float subclasses (e.g. torch.__version__) into the plain types that
     # torch.load(weights_only=True) accepts, and rejects anything else early.
     info = json.loads(json.dumps(info))
@@ -62,6 +83,7 @@ def export_pretrained(
         "sde_config": full["sde_config"],
         "event_shape": full["event_shape"],
         "weights": weights,
+        "weights_sha256": weights_sha256(weights),
         "metadata": info,
     }
     path = Path(path)
@@ -70,7 +92,7 @@ def export_pretrained(
 
 
 def _read(path: Path) -> dict:
-    """Read and validate a slim export; ValueError naming the file."""
+    """Read and validate a slim export, damaged weights included (`check_weights`); ValueError naming the file."""
     if not path.is_file():
         raise FileNotFoundError(f"pretrained prior {path}: no such file")
     slim = read_checkpoint_file(path, PRETRAINED_FORMAT)
@@ -79,6 +101,8 @@ def _read(path: Path) -> dict:
     missing = [key for key in _REQUIRED_KEYS if key not in slim]
     if missing:
         raise ValueError(f"pretrained prior {path}: missing keys {missing}")
+    digest = slim.get("weights_sha256")
+    check_weights(path, {"prior": slim["weights"]}, None if digest is None else {"prior": digest})
     return slim
 
 
@@ -89,7 +113,8 @@ def load_pretrained(
 
     The network is rebuilt from its config in float32 with the stored weights, in eval mode with
     gradients off, on `device` (default CPU), and wrapped as
-    ScorePrior(NoisePredictionScore(net, sde), sde, t0=t0, event_shape=...).
+    ScorePrior(NoisePredictionScore(net, sde), sde, t0=t0, event_shape=..., data_range=...), data_range
+    from the metadata (default (0, 1), the range of every shipped prior's training images).
     """
     slim = _read(Path(path))
     net = build_net(slim["net_config"])
@@ -97,7 +122,9 @@ def load_pretrained(
     net.to(device if device is not None else "cpu").eval().requires_grad_(False)
     sde = sde_from_config(slim["sde_config"])
     event_shape = tuple(slim["event_shape"])
-    return ScorePrior(NoisePredictionScore(net, sde, event_shape=event_shape), sde, t0=t0, event_shape=event_shape)
+    data_range = tuple(slim["metadata"].get("data_range") or _DEFAULT_DATA_RANGE)
+    return ScorePrior(NoisePredictionScore(net, sde, event_shape=event_shape), sde, t0=t0, event_shape=event_shape,
+                      data_range=data_range)
 
 
 def available_priors() -> dict[str, dict]:
@@ -129,4 +156,29 @@ def pretrained(name: str, *, t0: float = 1e-5, device: torch.device | str | None
     if not isinstance(name, str) or "/" in name or not path.is_file():
         names = sorted(p.stem for p in PRETRAINED_DIR.glob("*.pt"))
         raise ValueError(f"name: expected one of the pretrained priors {names}, got {name!r}")
+    return load_pretrained(path, t0=t0, device=device)
+
+
+def load_score_prior(
+    source: str | Path, *, t0: float = 1e-5, device: torch.device | str | None = None, use_ema: bool = True
+) -> ScorePrior:
+    """The `ScorePrior` of a shipped prior's name, a slim export or a training checkpoint.
+
+    source: a name of `available_priors()` (when no file of that name exists), or a file written by
+    `export_pretrained` (e.g. one in PRETRAINED_DIR) or by `scoreprior.training.save_checkpoint`, told
+    apart by their "format" entry. t0, device: as `pretrained`; use_ema: training checkpoints only
+    (exports hold the EMA weights alone: False raises ValueError).
+    FileNotFoundError lists the shipped names when `source` is neither a file nor one of them.
+    """
+    path = Path(source)
+    names = sorted(p.stem for p in PRETRAINED_DIR.glob("*.pt"))
+    if not path.exists() and str(source) in names:
+        path = PRETRAINED_DIR / f"{source}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{source}: neither a file nor a shipped prior {names}")
+    fmt = read_checkpoint_file(path, (PRETRAINED_FORMAT, CHECKPOINT_FORMAT))["format"]
+    if fmt == CHECKPOINT_FORMAT:
+        return load_prior(path, t0=t0, device=device, use_ema=use_ema)
+    if not use_ema:
+        raise ValueError(f"use_ema: {path} is a pretrained export, which holds the EMA weights only")
     return load_pretrained(path, t0=t0, device=device)

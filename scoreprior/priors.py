@@ -14,7 +14,7 @@ from torch import Tensor
 from scoreprior.likelihood import GaussianLikelihood
 from scoreprior.scores import _check_batch
 
-__all__ = ["GaussianPrior", "gaussian_posterior"]
+__all__ = ["GaussianPrior", "gaussian_posterior", "reference_posterior"]
 
 
 def _cholesky(cov: Tensor, name: str) -> Tensor:
@@ -58,6 +58,25 @@ class GaussianPrior:
         self.cov = cov.detach().to(device=mean.device, dtype=mean.dtype)
         self.event_shape = mean.shape
         self.scale_tril = _cholesky(self.cov, "cov")
+
+    @classmethod
+    def fit(cls, images: Tensor, *, floor: float) -> GaussianPrior:
+        """N(sample mean, sample covariance + floor I) of `images`, in float64.
+
+        images: (N, *event_shape) real, N >= 2; floor: > 0, added to every eigenvalue of the sample
+        covariance (images spanning few directions have a singular one). Used, e.g., to build the Gaussian
+        reference of a DPI fit from a prior's images (see `scoreprior.posterior.DPI`).
+        """
+        if not isinstance(images, Tensor) or not images.is_floating_point() or images.ndim < 2:
+            raise TypeError(f"images: expected a real floating-point tensor (N, *event_shape), got "
+                            f"{getattr(images, 'shape', type(images).__name__)}")
+        if images.shape[0] < 2:
+            raise ValueError(f"images: expected at least 2 images for a covariance, got {images.shape[0]}")
+        if not (isinstance(floor, (int, float)) and math.isfinite(floor) and floor > 0):
+            raise ValueError(f"floor: expected a positive finite number, got {floor!r}")
+        flat = images.detach().reshape(images.shape[0], -1).double()
+        cov = torch.cov(flat.T) + floor * torch.eye(flat.shape[1], dtype=flat.dtype, device=flat.device)
+        return cls(flat.mean(0).reshape(images.shape[1:]), cov)
 
     @property
     def dim(self) -> int:
@@ -118,3 +137,17 @@ def gaussian_posterior(prior: GaussianPrior, likelihood: GaussianLikelihood) -> 
     m0 = prior.mean.reshape(-1)
     mean = m0 + cov @ (data - fisher @ m0)
     return mean.reshape(prior.event_shape), cov
+
+
+def reference_posterior(images: Tensor, likelihood: GaussianLikelihood, *, floor: float) -> GaussianPrior:
+    """The exact posterior of the Gaussian fitted to a prior's `images`: a reference for DPI.
+
+    N(m, S) = gaussian_posterior(GaussianPrior.fit(images, floor=floor), likelihood), in float64: a cheap
+    Gaussian approximation of the posterior under the prior the images come from, which
+    `scoreprior.posterior.DPI(reference=...)` starts from and corrects.
+    images: (N, *event_shape) draws of the prior (its training images or samples of the score model);
+    floor: variance added to every eigenvalue of their covariance (e.g. the smoothing s(t0)^2 / a(t0)^2
+    of a score prior at t0). Costs O(d^3) for d pixels (gaussian_posterior).
+    """
+    mean, cov = gaussian_posterior(GaussianPrior.fit(images, floor=floor), likelihood)
+    return GaussianPrior(mean, cov)

@@ -32,6 +32,20 @@ def _check_options(n: int, steps: int, t0: float, sde: SDE) -> None:
         raise ValueError(f"t0: expected 0 < t0 < T = {sde.T}, got {t0!r}")
 
 
+def _check_likelihood(likelihood: object, event_shape: tuple[int, ...]) -> None:
+    """ValueError naming event_shape when the likelihood's y does not match A on images of that shape."""
+    if not isinstance(event_shape, (tuple, list, torch.Size)) or not all(isinstance(s, int) and s > 0
+                                                                      for s in event_shape):
+        raise ValueError(f"event_shape: expected a tuple of positive ints like (1, 32, 32), got {event_shape!r}")
+    validate = getattr(likelihood, "validate", None)
+    if validate is None:
+        return
+    try:
+        validate(tuple(event_shape))
+    except (ValueError, RuntimeError) as err:
+        raise ValueError(f"event_shape {tuple(event_shape)} does not match the likelihood: {err}") from None
+
+
 class _Guard:
     """Stops a sampler whose state stops being finite or blows up, naming the step, time and weight.
 
@@ -144,6 +158,7 @@ def dps(
     Returns (n, *event_shape) approximate posterior samples of x_t0.
     """
     _check_options(n, steps, t0, sde)
+    _check_likelihood(likelihood, event_shape)
     if not zeta >= 0:
         raise ValueError(f"zeta: expected a non-negative number, got {zeta!r}")
     x = sde.prior_sample((n, *event_shape), generator=generator, device=device, dtype=dtype)
@@ -212,6 +227,7 @@ def score_ald(
     Returns (n, *event_shape) approximate posterior samples of x_t_L.
     """
     _check_options(n, n_levels, t0, sde)
+    _check_likelihood(likelihood, event_shape)
     if not isinstance(steps_per_level, int) or steps_per_level < 1:
         raise ValueError(f"steps_per_level: expected a positive int, got {steps_per_level!r}")
     if not lr > 0:
@@ -311,6 +327,7 @@ def sde_projection(
     Returns (n, *event_shape) approximate posterior samples of x_t0.
     """
     _check_options(n, steps, t0, sde)
+    _check_likelihood(likelihood, event_shape)
     if not 0 <= lam <= 1:
         raise ValueError(f"lam: expected a number in [0, 1], got {lam!r}")
     if not snr >= 0:

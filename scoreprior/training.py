@@ -3,16 +3,20 @@
 Networks here predict the noise: with x_t = a(t) x_0 + s(t) z, net(x_t, t) estimates z, and the score
 is -net(x_t, t) / s(t) (Ho et al., NeurIPS 2020; Song et al., ICLR 2021). A checkpoint is a plain
 dict of tensors, numbers, strings and lists, so it loads with `torch.load(..., weights_only=True)`.
+Checkpoints hold the SHA-256 of their weights (`weights_sha256`), checked on load with their finiteness:
+a damaged file is refused with its name instead of giving non-finite scores downstream.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import tempfile
 import time
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
 
@@ -38,6 +42,8 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_prior",
+    "weights_sha256",
+    "check_weights",
 ]
 
 CHECKPOINT_FORMAT = "scoreprior-checkpoint"
@@ -232,15 +238,51 @@ def atomic_save(obj: dict, path: Path) -> None:
         raise
 
 
-def read_checkpoint_file(path: Path, fmt: str) -> dict:
-    """torch.load a checkpoint dict (weights only) whose "format" entry is `fmt`; ValueError naming the file."""
+def read_checkpoint_file(path: Path, fmt: str | tuple[str, ...]) -> dict:
+    """torch.load a checkpoint dict (weights only) whose "format" entry is `fmt` (or one of them);
+    ValueError naming the file and the format found otherwise."""
+    formats = (fmt,) if isinstance(fmt, str) else tuple(fmt)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(f"checkpoint {path}: not a readable torch file ({type(err).__name__}: {err})") from err
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != fmt:
-        raise ValueError(f"checkpoint {path}: not a scoreprior checkpoint of format {fmt!r}")
+    found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
+    if found not in formats:
+        expected = " or ".join(map(repr, formats))
+        raise ValueError(f"checkpoint {path}: not a scoreprior checkpoint of format {expected}"
+                         + (f" (its format is {found!r})" if isinstance(found, str) else ""))
     return checkpoint
+
+
+def weights_sha256(weights: Mapping[str, Tensor]) -> str:
+    """SHA-256 hex digest of a state dict: each tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        tensor = weights[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_weights(path: str | Path, groups: Mapping[str, Mapping[str, Tensor]], digests: Mapping | None) -> None:
+    """Refuse damaged weights read from `path`: ValueError naming the file when a floating-point tensor of
+    a group holds NaN/inf, or when a group's `weights_sha256` differs from its entry in `digests`.
+
+    groups: {group name: state dict}, e.g. {"net": ..., "ema": ...}; digests: {group name: hex digest} as
+    stored at export (None or a missing entry: files written before digests were stored, only the
+    finiteness is checked).
+    """
+    for group, weights in groups.items():
+        bad = [name for name, value in weights.items()
+               if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
+        if bad:
+            count = sum(int((~torch.isfinite(weights[name])).sum()) for name in bad)
+            raise ValueError(f"checkpoint {path}: damaged file, {count} non-finite {group} weights (in "
+                             f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); restore or re-export it")
+        expected = (digests or {}).get(group)
+        if expected is not None and weights_sha256(weights) != expected:
+            raise ValueError(f"checkpoint {path}: damaged file, the {group} weights do not match the SHA-256 "
+                             "stored when it was written; restore or re-export it")
 
 
 def save_checkpoint(
@@ -257,6 +299,7 @@ def save_checkpoint(
     loss_history: list[float] | None = None,
     provenance: str | None = None,
     train_config: TrainConfig | None = None,
+    data_range: tuple[float, float] | None = None,
 ) -> Path:
     """Write a training checkpoint atomically (temporary file in the same folder, then os.replace).
 
@@ -265,18 +308,23 @@ def save_checkpoint(
     net's current weights); optimizer, generator: stored so that training can resume exactly;
     rank_generators: generator states of every rank of a distributed run, in rank order (`generator`
     is then rank 0's); step: optimiser steps done; loss_history: per-step losses; provenance: where the
-    data came from; train_config: the options used. Returns the path written.
+    data came from; train_config: the options used; data_range: (min, max) of the training images, which
+    `load_prior` hands to the ScorePrior (the CLI refuses images on another scale). The SHA-256 of the net
+    and EMA weights is stored under "weights_sha256" and checked by `load_checkpoint`. Returns the path written.
     """
     path = Path(path)
     ema_state = (ema if ema is not None else EMA(net)).state_dict()
+    weights = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    shadow = {k: v.cpu() for k, v in ema_state["shadow"].items()}
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "net_config": net.config(),
         "sde_config": sde.config(),
         "event_shape": [int(n) for n in event_shape],
-        "net": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-        "ema": {**ema_state, "shadow": {k: v.cpu() for k, v in ema_state["shadow"].items()}},
+        "net": weights,
+        "ema": {**ema_state, "shadow": shadow},
+        "weights_sha256": {"net": weights_sha256(weights), "ema": weights_sha256(shadow)},
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "step": int(step),
         "generator": generator.get_state() if generator is not None else None,
@@ -284,6 +332,7 @@ def save_checkpoint(
         "loss_history": [float(v) for v in (loss_history or [])],
         "provenance": provenance,
         "train_config": dataclasses.asdict(train_config) if train_config is not None else None,
+        "data_range": None if data_range is None else [float(v) for v in data_range],
     }
     atomic_save(checkpoint, path)
     return path
@@ -293,7 +342,8 @@ def load_checkpoint(path: str | Path) -> dict:
     """Read and validate a checkpoint written by `save_checkpoint`, tensors on the CPU.
 
     Raises FileNotFoundError if `path` does not exist, ValueError naming the file if it is not a torch
-    file, is not a scoreprior checkpoint, has another format version or lacks keys.
+    file, is not a scoreprior checkpoint, has another format version, lacks keys, or holds damaged
+    weights (non-finite, or not matching the stored SHA-256: `check_weights`).
     Returns the checkpoint dict (keys listed in `save_checkpoint`, plus "format" and "version").
     """
     path = Path(path)
@@ -307,6 +357,7 @@ def load_checkpoint(path: str | Path) -> dict:
     missing = [k for k in _REQUIRED_KEYS if k not in checkpoint]
     if missing:
         raise ValueError(f"checkpoint {path}: missing keys {missing}")
+    check_weights(path, {"net": checkpoint["net"], "ema": checkpoint["ema"]["shadow"]}, checkpoint.get("weights_sha256"))
     return checkpoint
 
 
@@ -399,6 +450,7 @@ def train_score_model(
         def loss_fn(net: nn.Module, x0: Tensor, generator: torch.Generator) -> Tensor:
             return dsm_loss(net, sde, x0, generator=generator)
     event_shape = data.shape[1:]
+    data_range = (float(data.min()), float(data.max()))
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     if distributed is None:
         distributed = dist.is_available() and dist.is_initialized()
@@ -426,7 +478,7 @@ def train_score_model(
         if rank == 0:
             save_checkpoint(checkpoint, net, sde, event_shape=event_shape, ema=ema, optimizer=optimizer,
                             step=step, generator=generator, rank_generators=states, loss_history=history,
-                            provenance=provenance, train_config=config)
+                            provenance=provenance, train_config=config, data_range=data_range)
 
     start = time.perf_counter()
     net.train()
@@ -480,7 +532,8 @@ def load_prior(
 
     The network is rebuilt from its config with the EMA weights (or the raw weights if not use_ema),
     put in eval mode with gradients off, wrapped in `NoisePredictionScore`, and returned as
-    ScorePrior(score, sde, t0=t0, event_shape=...). device: where the network lives (default CPU).
+    ScorePrior(score, sde, t0=t0, event_shape=..., data_range=...) (data_range: the training images'
+    (min, max) when the checkpoint records it). device: where the network lives (default CPU).
     """
     checkpoint = load_checkpoint(path)
     net = build_net(checkpoint["net_config"])
@@ -492,4 +545,6 @@ def load_prior(
                          "load whitened-score checkpoints with scoreprior.ws.load_ws_model")
     event_shape = tuple(checkpoint["event_shape"])
     score = NoisePredictionScore(net, sde, event_shape=event_shape)
-    return ScorePrior(score, sde, t0=t0, event_shape=event_shape)
+    data_range = checkpoint.get("data_range")
+    return ScorePrior(score, sde, t0=t0, event_shape=event_shape,
+                      data_range=None if data_range is None else tuple(data_range))

@@ -87,7 +87,6 @@ def solve(prior, truth: torch.Tensor, operator: LinearOperator, sigma: float, se
     shape = tuple(prior.event_shape)
     surrogate = SurrogatePrior(prior.score, prior.sde, t0=T0, n_time_samples=args.time_samples, event_shape=shape)
     dpi = DPI(shape, n_flows=args.n_flows, init_scale=0.1, seed=seed)
-    torch.manual_seed(seed)  # the surrogate's times and noises come from the global RNG
     start = time.perf_counter()
     history = dpi.fit(surrogate, likelihood, steps=args.steps, batch_size=args.batch_size, lr=LR,
                       warmup=max(1, args.steps // 10), progress=False)

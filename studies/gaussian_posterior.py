@@ -132,7 +132,6 @@ def errors(m, s, post_mean, post_std) -> dict[str, float]:
 def run_one(name, prior, likelihood, post_mean, post_std, args):
     steps, batch = ((args.exact_steps, args.exact_batch_size) if name == "exact" else (args.steps, args.batch_size))
     fit_prior, prior_kwargs = make_prior(name, prior, args.surrogate_time_samples)
-    torch.manual_seed(args.seed)  # the surrogate's times / noises and the Hutchinson probes use the global RNG
     dpi = DPI((1, args.size, args.size), n_flows=8, hidden=128, init_scale=0.1, seed=args.seed)
     start = time.perf_counter()
     history = dpi.fit(fit_prior, likelihood, steps=steps, batch_size=batch, lr=1e-2, warmup=min(100, steps // 10),

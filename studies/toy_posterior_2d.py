@@ -164,7 +164,6 @@ class _ClosedFormPrior:
 
 
 def run_dpi(prior, likelihood, args, prior_kwargs: dict | None) -> tuple[Tensor, float]:
-    torch.manual_seed(args.seed)
     dpi = DPI(SHAPE, n_flows=8, hidden=64, seed=args.seed, dtype=torch.float64)
     start = time.perf_counter()
     dpi.fit(prior, likelihood, steps=args.dpi_steps, batch_size=128, lr=3e-3, warmup=min(100, args.dpi_steps // 10),

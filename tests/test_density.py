@@ -216,3 +216,43 @@ def test_bad_input():
 def test_exact_divergence_chunks_agree():
     _, prior, x = _gaussian_problem(SDES["vp"], 4, 4, n=2)
     torch.testing.assert_close(prior.log_prob(x, chunk_size=3), prior.log_prob(x))
+
+
+def test_auto_divergence_is_exact_up_to_256_numbers_and_hutchinson_above():
+    """The default finishes on large images: Hutchinson above EXACT_MAX_DIM, seeded by the generator."""
+    from scoreprior.density import EXACT_MAX_DIM
+
+    assert EXACT_MAX_DIM == 256
+    for size, expected in ((16, "exact"), (17, "hutchinson")):
+        model, prior, x = _gaussian_problem(SDES["vp"], size, size, n=1)
+        options = dict(rtol=1e-3, atol=1e-3, return_stats=True)
+        logp, stats = prior.log_prob(x, generator=torch.Generator().manual_seed(0), **options)
+        assert stats["divergence"] == expected
+        explicit, _ = prior.log_prob(x, divergence=expected, generator=torch.Generator().manual_seed(0), **options)
+        assert torch.equal(logp, explicit)
+        assert (logp - model.log_prob_t(x, T0)).abs().item() < 5.0  # Hutchinson: one probe's noise
+
+
+def test_progress_counts_the_function_evaluations(monkeypatch):
+    import scoreprior.density as density
+
+    bars = []
+
+    class Bar:
+        def __init__(self, *args, disable=False, **kwargs):
+            self.n, self.disable = 0, disable
+            bars.append(self)
+
+        def update(self, k):
+            self.n += k
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(density, "tqdm", Bar)
+    _, prior, x = _gaussian_problem(SDES["vp"], 4, 4, n=1)
+    _, stats = prior.log_prob(x, rtol=1e-3, atol=1e-3, return_stats=True, progress=True)
+    assert len(bars) == 1 and not bars[0].disable and bars[0].n == stats["nfe"] > 0

@@ -226,11 +226,11 @@ def test_datatree_independent_draws_are_one_chain():
         to_datatree(x, truth=torch.zeros(3, 4))
 
 
-def test_missing_arviz_names_the_extra(monkeypatch):
+def test_missing_arviz_says_it_is_a_dependency(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "arviz_base", None)
-    with pytest.raises(ImportError, match=r"scoreprior\[diagnostics\]"):
+    with pytest.raises(ImportError, match=r"needs arviz_base: a dependency of scoreprior; reinstall"):
         to_datatree(torch.zeros(3, 2, 2))
 
 
@@ -305,3 +305,19 @@ def test_psnr_and_ssim_match_skimage():
         psnr(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 9))
     with pytest.raises(ValueError, match="H, W > 10"):
         ssim(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8))
+
+
+def test_psnr_and_ssim_take_one_unbatched_image_and_name_mismatched_shapes():
+    from scoreprior.diagnostics import psnr, ssim
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.rand(1, 32, 32, generator=g, dtype=torch.float64)
+    x = (ref + 0.1 * torch.randn(1, 32, 32, generator=g, dtype=torch.float64)).clamp(0, 1)
+    single = psnr(x, ref)
+    assert single.shape == () and single == psnr(x[None], ref[None])[0]
+    assert single == 10 * torch.log10(1 / (x - ref).square().mean())
+    assert ssim(x, ref).shape == () and ssim(x, ref) == ssim(x[None], ref[None])[0]
+    with pytest.raises(ValueError, match=r"expected the same shape, got x \(1, 32, 32\) and ref \(1, 1, 32, 32\)"):
+        psnr(x, ref[None])
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\) or \(C, H, W\), got \(32, 32\)"):
+        psnr(x[0], ref[0])

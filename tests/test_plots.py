@@ -1,3 +1,4 @@
+import io
 import math
 
 import numpy as np
@@ -98,11 +99,50 @@ def test_logprob_scatter_annotates_the_fit():
     assert fig.axes[0].get_title() == "R² = 1.000, slope = 2.000"
 
 
-def test_missing_matplotlib_names_the_extra(monkeypatch):
+def test_missing_matplotlib_says_it_is_a_dependency(monkeypatch):
     import importlib
     import sys
 
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     monkeypatch.delitem(sys.modules, "scoreprior.plots")
-    with pytest.raises(ImportError, match=r"scoreprior\[plots\]"):
+    with pytest.raises(ImportError, match=r"needs matplotlib, a dependency of scoreprior: reinstall"):
         importlib.import_module("scoreprior.plots")
+
+
+def test_loss_figure_is_not_flattened_by_one_huge_spike():
+    """One 450,000-nat step among losses near -350: the axis keeps the bulk readable and marks the spike."""
+    steps = 600
+    loss = list(-350 + 50 * np.exp(-np.arange(steps) / 50) + np.random.default_rng(0).normal(0, 2, steps))
+    loss[300] = 450_000.0
+    terms = {"nll": [10.0] * steps, "neg_log_prior": [v + 5 for v in loss], "log_q": [-15.0] * steps}
+    fig = loss_figure({"loss": loss, **terms, "skipped": [0] * steps})
+    fig.savefig(io.BytesIO(), format="png")
+    for ax in fig.axes:
+        assert ax.get_position().width > 0.3  # the layout kept both panels (the edge markers once squeezed them)
+        low, high = ax.get_ylim()
+        assert high - low < 4_500  # under 1 % of the spike, which would otherwise stretch the axis to 450,000
+        assert any("off scale" in text.get_text() and "e+05" in text.get_text() for text in ax.texts)
+
+
+def test_demo_report_has_a_microarcsecond_scale_bar():
+    from scoreprior.plots import demo_report_figure
+
+    samples = _samples(6)
+    image = samples[0]
+    metrics = {
+        "truth": {"fov_uas": 160.0},
+        "observation": {"n_visibilities": 800, "stations": list("ABCDEFG")},
+        "posterior": {"coverage": {"level": 0.9, "fraction_of_pixels": 0.8}, "nxcorr_mean_truth": 0.9,
+                      "ring_diameter_uas": {"posterior_mean": 40.0, "posterior_std": 1.0,
+                                            "posterior_eti95": [38.0, 42.0], "truth_measured": 40.5},
+                      "flux": {"posterior_mean": 1.0, "posterior_std": 0.1, "truth": 1.0}},
+        "exact_check": {"khat": 0.4, "reliable": True, "ess": 20.0, "n": 25, "log_prior_noise_median": 0.5},
+    }
+    fig = demo_report_figure(truth=image, dirty=image, mean=image, std=image, samples=samples,
+                             covered=(image > 0.5).float(), metrics=metrics)
+    labelled = [ax for ax in fig.axes if any(t.get_text() == "50 µas" for t in ax.texts)]
+    assert len(labelled) == 2  # truth and coverage panels: 160 µas over the image width, bar of 50 µas
+    bar = labelled[0].lines[0].get_xdata()
+    width = image.shape[-1]
+    assert math.isclose(bar[1] - bar[0], 50.0 / (160.0 / width))
+    fig.savefig(io.BytesIO(), format="png")

@@ -21,7 +21,7 @@ from scoreprior.operators import (
     Interferometer,
     uas_to_rad,
 )
-from scoreprior.priors import GaussianPrior, gaussian_posterior
+from scoreprior.priors import GaussianPrior, gaussian_posterior, reference_posterior
 
 SHAPE = (1, 4, 4)
 D = 16
@@ -192,3 +192,29 @@ def test_posterior_validates_image_shape():
     lik = GaussianLikelihood(Identity(), torch.zeros(1, 1, 4, 5, dtype=torch.float64), 0.1)
     with pytest.raises(ValueError, match=r"^y: expected .*\(1, 1, 4, 4\).*got .*\(1, 1, 4, 5\)"):
         gaussian_posterior(_prior(), lik)
+
+
+def test_fit_gives_the_sample_moments_plus_the_floor():
+    """GaussianPrior.fit: mean and covariance of the images (unbiased), floor added to the diagonal."""
+    images = torch.randn(50, 1, 2, 3, generator=torch.Generator().manual_seed(0)) * 2 + 1
+    prior = GaussianPrior.fit(images, floor=0.25)
+    flat = images.reshape(50, 6).double()
+    centred = flat - flat.mean(0)
+    assert prior.mean.dtype == torch.float64 and prior.event_shape == (1, 2, 3)
+    assert torch.allclose(prior.mean.reshape(-1), flat.mean(0))
+    assert torch.allclose(prior.cov, centred.T @ centred / 49 + 0.25 * torch.eye(6, dtype=torch.float64))
+    # images spanning one direction: the floor makes the covariance positive definite
+    line = torch.linspace(0, 1, 10)[:, None, None, None] * torch.ones(1, 1, 2, 2)
+    assert torch.linalg.eigvalsh(GaussianPrior.fit(line, floor=1e-3).cov).min() > 0.9e-3
+    with pytest.raises(ValueError, match="floor"):
+        GaussianPrior.fit(images, floor=0.0)
+    with pytest.raises(ValueError, match="images"):
+        GaussianPrior.fit(images[:1], floor=0.1)
+
+
+def test_reference_posterior_is_the_posterior_of_the_fitted_gaussian():
+    images = torch.randn(40, 1, 3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    lik = GaussianLikelihood(Identity(), torch.zeros(1, 1, 3, 3, dtype=torch.float64), 0.5)
+    reference = reference_posterior(images, lik, floor=0.1)
+    mean, cov = gaussian_posterior(GaussianPrior.fit(images, floor=0.1), lik)
+    assert torch.equal(reference.mean, mean) and torch.equal(reference.cov, cov)

@@ -242,3 +242,12 @@ def test_bad_arguments():
         sde_projection(score, SDE_, lik, 4, SHAPE, lam=1.5, progress=False)
     with pytest.raises(ValueError, match="n_corrector"):
         sde_projection(score, SDE_, lik, 4, SHAPE, n_corrector=-1, progress=False)
+
+
+@pytest.mark.parametrize("sampler", [dps, score_ald, sde_projection])
+def test_event_shape_that_does_not_match_the_likelihood_is_named(sampler):
+    score, lik, _, _ = _denoising_problem()  # y of (1, 2, 3) images
+    with pytest.raises(ValueError, match=r"event_shape \(1, 3, 2\) does not match the likelihood: y: expected"):
+        sampler(score, SDE_, lik, 4, (1, 3, 2), generator=torch.Generator().manual_seed(0), progress=False)
+    with pytest.raises(ValueError, match="event_shape: expected a tuple"):
+        sampler(score, SDE_, lik, 4, 6, progress=False)

@@ -318,3 +318,37 @@ def test_unet_prior_on_gaussian_fields_ranks_log_densities():
     true = GaussianScore(mean, cov, sde).log_prob_t(held_out.double(), t0)
     corr = np.corrcoef(logp.numpy(), true.numpy())[0, 1]
     assert corr > 0.5, corr
+
+
+def test_damaged_weights_are_refused_with_the_file_name(tmp_path):
+    """Weights altered after writing (bit rot, a partial copy) fail the SHA-256; non-finite ones fail even
+    in files written before digests were stored; untouched files of either kind load."""
+    good = tmp_path / "good.pt"
+    save_checkpoint(good, make_mlp(), VPSDE(), event_shape=(4,))
+    checkpoint = torch.load(good, weights_only=True)
+    assert set(checkpoint["weights_sha256"]) == {"net", "ema"}
+    name = next(iter(checkpoint["net"]))
+
+    altered = {**checkpoint, "net": {**checkpoint["net"], name: checkpoint["net"][name] * 1.001}}
+    torch.save(altered, tmp_path / "altered.pt")
+    with pytest.raises(ValueError, match="altered.pt: damaged file, the net weights do not match"):
+        load_checkpoint(tmp_path / "altered.pt")
+
+    legacy = {k: v for k, v in checkpoint.items() if k != "weights_sha256"}
+    torch.save(legacy, tmp_path / "legacy.pt")
+    assert load_checkpoint(tmp_path / "legacy.pt")["step"] == 0
+    poisoned = checkpoint["ema"]["shadow"][name].clone()
+    poisoned.view(-1)[:3] = torch.tensor([math.nan, math.inf, -math.inf])
+    legacy["ema"] = {**legacy["ema"], "shadow": {**legacy["ema"]["shadow"], name: poisoned}}
+    torch.save(legacy, tmp_path / "legacy-nan.pt")
+    with pytest.raises(ValueError, match=f"legacy-nan.pt: damaged file, 3 non-finite ema weights \\(in {name}"):
+        load_prior(tmp_path / "legacy-nan.pt")
+
+
+def test_checkpoints_record_the_training_data_range(tmp_path):
+    data = torch.linspace(-0.5, 2.0, 64).reshape(16, 4)
+    net = make_mlp()
+    train_score_model(net, VPSDE(), data, TrainConfig(steps=1, batch_size=4, warmup=0), checkpoint=tmp_path / "c.pt",
+                      progress=False)
+    assert load_checkpoint(tmp_path / "c.pt")["data_range"] == [-0.5, 2.0]
+    assert load_prior(tmp_path / "c.pt").data_range == (-0.5, 2.0)
