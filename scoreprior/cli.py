@@ -429,10 +429,10 @@ def _reference(prior: ScorePrior, likelihood: GaussianLikelihood, args: argparse
     draws = sample_prior(prior.score, prior.sde, args.reference_samples, tuple(prior.event_shape),
                          steps=args.reference_steps, t0=prior.t0,
                          generator=torch.Generator().manual_seed(args.seed + 3), progress=True)
-    a0, s0 = (float(v) for v in prior.sde.marginal(torch.tensor([prior.t0], dtype=torch.float64)))
-    # The draws are of p_t0 (noise s0 included); the floor brings the reference to the 2 s0^2 / a0^2
-    # smoothing of the density the surrogate bounds.
-    reference = reference_posterior(draws / a0, likelihood, floor=(s0 / a0) ** 2)
+    a0 = float(prior.sde.marginal(torch.tensor([prior.t0], dtype=torch.float64))[0])
+    # Draws of p_t0 / a0 carry half the smoothing of the density the surrogate bounds; the floor adds the rest.
+    smoothing = SurrogatePrior(prior.score, prior.sde, t0=prior.t0).smoothing
+    reference = reference_posterior(draws / a0, likelihood, floor=smoothing / 2)
     print(f"Gaussian reference from {args.reference_samples} prior draws ({args.reference_steps} sampler steps) "
           f"in {time.perf_counter() - start:.0f} s")
     return reference

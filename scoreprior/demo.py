@@ -120,15 +120,14 @@ def fit_posterior(
     """The demo's DPI fit of p(x | y) with the surrogate of `prior`, from a Gaussian reference.
 
     Reference: `reference_posterior` of `config.reference_images` crescents of `blackhole_images` (seeded
-    30,000 + seed, apart from training and the truths), floor 2 s0^2 / a0^2, the smoothing of the density
-    the surrogate bounds (`scoreprior.surrogate`). Returns the fitted DPI and its history.
+    30,000 + seed, apart from training and the truths), floor `SurrogatePrior.smoothing` (2 s0^2 / a0^2), the
+    noise of the density the surrogate bounds. Returns the fitted DPI and its history.
     """
     shape = tuple(prior.event_shape)
-    a0, s0 = (float(v) for v in prior.sde.marginal(torch.tensor([prior.t0], dtype=torch.float64)))
-    images = blackhole_images(config.reference_images, shape[-1], generator=torch.Generator().manual_seed(30_000 + seed))
-    reference = reference_posterior(images, likelihood, floor=2 * (s0 / a0) ** 2)
     surrogate = SurrogatePrior(prior.score, prior.sde, t0=prior.t0, n_time_samples=config.time_samples,
                                event_shape=shape)
+    images = blackhole_images(config.reference_images, shape[-1], generator=torch.Generator().manual_seed(30_000 + seed))
+    reference = reference_posterior(images, likelihood, floor=surrogate.smoothing)
     dpi = DPI(shape, n_flows=config.n_flows, reference=reference, seed=seed)
     history = dpi.fit(surrogate, likelihood, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
                       warmup=max(1, config.steps // 10), progress=progress)

@@ -106,6 +106,13 @@ class SurrogatePrior:
         self.event_shape = torch.Size(shape) if shape is not None else None
         self.terminal_log_prob = terminal_log_prob
 
+    @property
+    def smoothing(self) -> float:
+        """2 s(t0)^2 / a(t0)^2: the variance of the white noise phat adds to the data, phat = p_0 * N(0, this I)
+        for an exact score (module docstring). Per pixel, in the images' squared units."""
+        a0, s0 = self.sde.marginal(torch.tensor([self.t0], dtype=torch.float64))
+        return float(2 * (s0 / a0) ** 2)
+
     def __repr__(self) -> str:
         return (
             f"SurrogatePrior(sde={self.sde!r}, t0={self.t0}, n_time_samples={self.n_time_samples}, "

@@ -43,6 +43,7 @@ from scoreprior.calibration import FUNCTIONALS, write_report
 from scoreprior.data import BLACKHOLE_FOV_UAS, blackhole_images, ring_radius
 from scoreprior.demo import DemoConfig, fit_posterior, simulate_observation
 from scoreprior.pretrained import pretrained
+from scoreprior.surrogate import SurrogatePrior
 from scoreprior.training import atomic_save
 
 TRUTH_SEED = 50_000
@@ -76,10 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_problem(index: int, prior, config: DemoConfig, n_samples: int) -> dict:
     """Truths, fit and draws of problem `index`: a dict of tensors and numbers."""
-    a0, s0 = (float(v) for v in prior.sde.marginal(torch.tensor([prior.t0], dtype=torch.float64)))
+    smoothing = SurrogatePrior(prior.score, prior.sde, t0=prior.t0).smoothing
     generator = torch.Generator().manual_seed(TRUTH_SEED + index)
     clean, params = blackhole_images(1, prior.event_shape[-1], generator=generator, return_params=True)
-    truth = clean + (2**0.5 * s0 / a0) * torch.randn(clean.shape, generator=generator)
+    truth = clean + smoothing**0.5 * torch.randn(clean.shape, generator=generator)
     likelihood, _ = simulate_observation(truth, fov_uas=BLACKHOLE_FOV_UAS, seed=TRUTH_SEED + index, tint=config.tint)
     start = time.perf_counter()
     dpi, history = fit_posterior(prior, likelihood, config, seed=TRUTH_SEED + index, progress=False)

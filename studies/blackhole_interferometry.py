@@ -136,9 +136,8 @@ def position_angle_deg(images: torch.Tensor) -> torch.Tensor:
 def fit(prior, likelihood: GaussianLikelihood, images: torch.Tensor, args: argparse.Namespace) -> tuple[torch.Tensor, dict]:
     """DPI with the surrogate of `prior` from the reference of `images`; returns N_DRAWS draws and numbers."""
     shape = tuple(prior.event_shape)
-    a0, s0 = (float(v) for v in prior.sde.marginal(torch.tensor([T0], dtype=torch.float64)))
-    reference = reference_posterior(images, likelihood, floor=2 * (s0 / a0) ** 2)
     surrogate = SurrogatePrior(prior.score, prior.sde, t0=T0, n_time_samples=args.time_samples, event_shape=shape)
+    reference = reference_posterior(images, likelihood, floor=surrogate.smoothing)
     dpi = DPI(shape, n_flows=args.n_flows, reference=reference, seed=args.seed)
     start = time.perf_counter()
     history = dpi.fit(surrogate, likelihood, steps=args.steps, batch_size=args.batch_size, lr=LR,
