@@ -5,7 +5,8 @@ process's memory before the first step) is its own. The prior's score is the Gau
 plus an untrained U-Net (see bench_logprob.py): realistic flow and realistic network cost.
 The measurement is denoising (identity operator, sigma 0.1) of one field sample.
 
-Part 2 checks that the adjoint's memory stays flat as the number of solver steps grows: log p and
+Part 0 measures the accuracy of the exact-ode log p at that tolerance (closed form available: the
+field is Gaussian). Part 2 checks that the adjoint's memory stays flat as the number of solver steps grows: log p and
 its gradient at several tolerances, with and without the adjoint.
 
     python benchmarks/bench_dpi.py [--sizes 16,32] [--batch 16] [--json PATH]
@@ -23,8 +24,9 @@ import time
 import torch
 
 from bench_logprob import _FieldPlusNet
+from scoreprior.data import sample_gaussian
 
-_PRIORS = ("exact-ode", "surrogate", "surrogate-16", "gaussian")
+_PRIORS = ("exact-ode", "exact-ode-backprop", "surrogate", "surrogate-16", "gaussian")
 
 
 def _rss_mb() -> float:
@@ -35,8 +37,11 @@ def _make_prior(kind: str, score: _FieldPlusNet, t0: float, tol: float) -> tuple
     """The prior and the log_prob keyword arguments DPI training uses with it."""
     from scoreprior import GaussianPrior, ScorePrior, SurrogatePrior
 
-    if kind == "exact-ode":
-        return ScorePrior(score, score.sde, t0=t0), dict(divergence="hutchinson", adjoint=True, rtol=tol, atol=tol)
+    if kind.startswith("exact-ode"):
+        # The paper's set-up is the adjoint; backpropagation through the solver is faster and its memory
+        # grows with the number of steps (the peak MB column).
+        adjoint = kind == "exact-ode"
+        return ScorePrior(score, score.sde, t0=t0), dict(divergence="hutchinson", adjoint=adjoint, rtol=tol, atol=tol)
     if kind.startswith("surrogate"):
         # One time sample per evaluation is Feng & Bouman's default; 16 lowers its variance.
         n_time_samples = 16 if kind == "surrogate-16" else 1
@@ -82,6 +87,29 @@ def _adjoint_memory(size: int, tol: float, adjoint: bool, t0: float) -> dict:
             "peak_mb_above_start": _rss_mb() - before}
 
 
+def _log_prob_accuracy(size: int, batch: int, tol: float, t0: float, seeds: int) -> dict:
+    """Error of the exact-ode log p at DPI's tolerance, one probe: against the closed form (the field is
+    Gaussian and the net adds nothing; the exact marginal at T as terminal density) and against the
+    same probe at rtol = atol = 1e-6 (the solver's share). Uses only the log_prob arguments of every
+    scoreprior version, so a checkout of an older one can run it (--accuracy-only)."""
+    from scoreprior import ScorePrior
+
+    score = _FieldPlusNet(size)
+    field = score.field
+    prior = ScorePrior(score, score.sde, t0=t0, terminal_log_prob=lambda z: field.log_prob_t(z, score.sde.T))
+    x = sample_gaussian(field.mean, field.cov, batch, generator=torch.Generator().manual_seed(3))
+    truth = field.log_prob_t(x, t0)
+    total, solver = [], []
+    for seed in range(seeds):
+        kw = dict(divergence="hutchinson", generator=torch.Generator().manual_seed(seed))
+        logp = prior.log_prob(x, rtol=tol, atol=tol, **kw)
+        tight = prior.log_prob(x, rtol=1e-6, atol=1e-6, **{**kw, "generator": torch.Generator().manual_seed(seed)})
+        total.append((logp - truth).abs().mean().item())
+        solver.append((logp - tight).abs().mean().item())
+    return {"size": f"{size}x{size}", "tol": tol, "error_vs_closed_form": statistics.mean(total),
+            "solver_error": statistics.mean(solver)}
+
+
 def _in_fresh_process(fn, *args) -> dict:
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
         return pool.apply(fn, args)
@@ -95,8 +123,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--t0", type=float, default=1e-3)
     parser.add_argument("--tol", type=float, default=1e-3, help="ODE tolerance of the exact prior in DPI")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--accuracy-only", action="store_true", help="only the log p accuracy table")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
+
+    print(f"exact-ode log p at tol {args.tol:g}, batch {args.batch}, one probe (4 seeds): mean |error| in nats")
+    print(f"{'size':>6} {'vs closed form':>15} {'solver share':>13}")
+    accuracy = []
+    for size in sizes:
+        r = _in_fresh_process(_log_prob_accuracy, size, args.batch, args.tol, args.t0, 4)
+        accuracy.append(r)
+        print(f"{r['size']:>6} {r['error_vs_closed_form']:>15.3f} {r['solver_error']:>13.4f}", flush=True)
+    if args.accuracy_only:
+        return {"accuracy": accuracy}
 
     dpi_rows = [_in_fresh_process(_dpi_step_time, kind, size, args.batch, args.steps, args.t0, args.tol)
                 for size in sizes for kind in _PRIORS]
@@ -117,7 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
     for r in memory_rows:
         print(f"{str(r['adjoint']):>8} {r['tol']:>7.0e} {r['nfe']:>5} {r['nfe_backward']:>9} {r['seconds']:>8.2f} "
               f"{r['peak_mb_above_start']:>8.0f}")
-    result = {"args": vars(args), "torch": torch.__version__, "dpi": dpi_rows, "adjoint_memory": memory_rows}
+    result = {"args": vars(args), "torch": torch.__version__, "accuracy": accuracy, "dpi": dpi_rows,
+              "adjoint_memory": memory_rows}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -83,6 +83,10 @@ def init_from_env(device: str | torch.device | None = None) -> Iterator[ProcessI
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield ProcessInfo(*rank_and_world(), device)
+        if launched:
+            # Every rank leaves the group together: a rank that tears gloo down while a peer still
+            # reads from it can abort that peer ("terminate called without an active exception").
+            dist.barrier()
     finally:
         if launched:
             dist.destroy_process_group()

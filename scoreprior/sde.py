@@ -55,6 +55,28 @@ class SDE(ABC):
     def prior_std(self) -> float:
         """Standard deviation of the reference density N(0, prior_std^2 I) at t = T."""
 
+    def log_noise_ratio(self, t: Tensor) -> Tensor:
+        """tau(t) = log(s(t) / a(t)), half the negative log signal-to-noise ratio. t: (B,) -> (B,).
+
+        Increasing in t for every SDE here: d tau / dt = g(t)^2 / (2 s(t)^2).
+        """
+        a, s = self.marginal(t)
+        return torch.log(s / a)
+
+    def time_at_log_noise_ratio(self, tau: Tensor) -> Tensor:
+        """The time t with log_noise_ratio(t) = tau, the inverse of `log_noise_ratio`. tau: (B,) -> (B,).
+
+        Computed in float64 and returned in tau's dtype. This default bisects on [0, T] to float64
+        precision; the SDEs here override it with a closed form.
+        """
+        target = tau.double()
+        lo, hi = torch.zeros_like(target), torch.full_like(target, self.T)
+        for _ in range(64):
+            mid = 0.5 * (lo + hi)
+            below = self.log_noise_ratio(mid) < target
+            lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+        return (0.5 * (lo + hi)).to(tau.dtype)
+
     def drift(self, x: Tensor, t: Tensor | float) -> Tensor:
         """f(x, t). x: (B, *event_shape), t: scalar or (B,) -> shaped like x."""
         return per_sample(self.drift_coeff(batch_times(t, x)), x) * x
@@ -135,6 +157,16 @@ class VPSDE(SDE):
         log_a = self._log_mean_coeff(t)
         return log_a.exp(), (-torch.expm1(2.0 * log_a)).sqrt()
 
+    def _time_at_log_mean_coeff(self, neg_log_a: Tensor) -> Tensor:
+        """The t >= 0 with -log a(t) = neg_log_a: the root of (beta_max - beta_min) t^2 / 4 + beta_min t / 2."""
+        half_min = 0.5 * self.beta_min
+        return 2.0 * neg_log_a / (half_min + (half_min**2 + (self.beta_max - self.beta_min) * neg_log_a).sqrt())
+
+    def time_at_log_noise_ratio(self, tau: Tensor) -> Tensor:
+        # s / a = exp(tau) with s^2 = 1 - a^2 gives -log a = log(1 + exp(2 tau)) / 2.
+        neg_log_a = 0.5 * torch.nn.functional.softplus(2.0 * tau.double())
+        return self._time_at_log_mean_coeff(neg_log_a).to(tau.dtype)
+
     def prior_std(self) -> float:
         return 1.0
 
@@ -151,6 +183,11 @@ class SubVPSDE(VPSDE):
     def marginal(self, t: Tensor) -> tuple[Tensor, Tensor]:
         log_a = self._log_mean_coeff(t)
         return log_a.exp(), -torch.expm1(2.0 * log_a)
+
+    def time_at_log_noise_ratio(self, tau: Tensor) -> Tensor:
+        # s / a = (1 - a^2) / a = exp(tau) gives a = 2 / (r + sqrt(r^2 + 4)), -log a = asinh(r / 2).
+        neg_log_a = torch.asinh(0.5 * tau.double().exp())
+        return self._time_at_log_mean_coeff(neg_log_a).to(tau.dtype)
 
 
 class VESDE(SDE):
@@ -187,6 +224,11 @@ class VESDE(SDE):
     def marginal(self, t: Tensor) -> tuple[Tensor, Tensor]:
         var = self.sigma_min**2 * torch.expm1(2.0 * t * self._log_ratio)
         return torch.ones_like(t), var.sqrt()
+
+    def time_at_log_noise_ratio(self, tau: Tensor) -> Tensor:
+        # s^2 = sigma_min^2 (exp(2 t log(sigma_max / sigma_min)) - 1) = exp(2 tau).
+        ratio = (2.0 * tau.double() - 2.0 * math.log(self.sigma_min)).exp()
+        return (torch.log1p(ratio) / (2.0 * self._log_ratio)).to(tau.dtype)
 
     def prior_std(self) -> float:
         return math.sqrt(self.sigma_max**2 - self.sigma_min**2)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import scoreprior
-from scoreprior.sde import sde_from_config
+from scoreprior.sde import SDE, sde_from_config
 
 from conftest import SDES
 
@@ -79,3 +79,24 @@ def test_bad_arguments():
         sde_from_config({"kind": "nope"})
     with pytest.raises(ValueError, match="t: expected"):
         scoreprior.VPSDE().drift(torch.zeros(3, 2), torch.zeros(2))
+
+
+@pytest.mark.parametrize("name", list(SDES))
+def test_time_at_log_noise_ratio_inverts_it(name):
+    """The closed-form inverse of tau(t) = log(s/a), and the base class's bisection, recover t."""
+    sde = SDES[name]
+    t = torch.tensor([1e-5, 1e-3, 0.1, 0.5, 0.9, 1.0], dtype=torch.float64)
+    tau = sde.log_noise_ratio(t)
+    assert (tau.diff() > 0).all()
+    torch.testing.assert_close(sde.time_at_log_noise_ratio(tau), t, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(SDE.time_at_log_noise_ratio(sde, tau), t, rtol=1e-10, atol=1e-14)
+    assert sde.time_at_log_noise_ratio(tau.float()).dtype == torch.float32
+
+
+def test_log_noise_ratio_rate_is_g2_over_2s2():
+    """d tau / dt = g^2 / (2 s^2) for linear-drift SDEs, by central differences."""
+    for sde in SDES.values():
+        t = torch.tensor([0.01, 0.3, 0.8], dtype=torch.float64)
+        h = 1e-6
+        rate = (sde.log_noise_ratio(t + h) - sde.log_noise_ratio(t - h)) / (2 * h)
+        torch.testing.assert_close(rate, sde.diffusion(t) ** 2 / (2 * sde.marginal(t)[1] ** 2), rtol=1e-6, atol=0)
