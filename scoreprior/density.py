@@ -25,9 +25,9 @@ rtol = atol = 1e-5 its solver error is 0.2 nats with no tolerance of its own, ag
 Error control matched to the estimator: the exact trace holds the log-density integral to `atol` nats
 per step; Hutchinson to min(`atol` d, 0.05) (atol per dimension, capped), since its Monte-Carlo noise
 (10-20 nats for one probe on 16 x 16 and 32 x 32 images) dwarfs that solver error (0.02 nats at
-rtol = atol = 1e-5, 0.35 at the DPI tolerance 1e-3; benchmarks/bench_logprob_compare.py, bench_dpi.py). Hutchinson's Jacobian-vector products are central differences
-of the score by default (no autograd: 1.5x cheaper per evaluation, 2x cheaper to differentiate), and
-a Gaussian control variate (`ScorePrior(control_variate=...)`) removes the part of the trace that a
+rtol = atol = 1e-5, 0.35 at the DPI tolerance 1e-3; benchmarks/bench_logprob_compare.py, bench_dpi.py).
+Hutchinson's Jacobian-vector products are central differences of the score by default (no autograd:
+1.5x cheaper per evaluation, 2x cheaper to differentiate), and a Gaussian control variate (`ScorePrior(control_variate=...)`) removes the part of the trace that a
 Gaussian fit of the data explains. benchmarks/bench_logprob_compare.py measures all of it against the
 reference algorithm.
 """
@@ -104,7 +104,7 @@ class _Dynamics(nn.Module):
 
     def __init__(
         self, score: ScoreFn, sde: SDE, times: Tensor, probes: Tensor | None, chunk: int, stats: dict,
-        jvp: str = "autograd", cv_weights: tuple[Tensor, Tensor] | None = None, bar: tqdm | None = None,
+        jvp: str = "difference", cv_weights: tuple[Tensor, Tensor] | None = None, bar: tqdm | None = None,
     ):
         super().__init__()
         self.bar = bar
@@ -164,8 +164,8 @@ class _Dynamics(nn.Module):
             self.bar.update(1)
         y = state[0]
         # No gradient w.r.t. time is needed: a graph through tau would make the adjoint integrate a stiff,
-        # unused dL/dtau term. The clamp keeps the solver's trial evaluations (initial step selection)
-        # inside the SDE's domain.
+        # unused dL/dtau term. The clamp keeps t inside the SDE's domain where tau, rounded to the
+        # state's dtype at the interval's ends, maps just outside [t0, T].
         tb = self.sde.time_at_log_noise_ratio(tau.detach()).clamp(self.t_min, self.t_max).expand(y.shape[0])
         a, s = self.sde.marginal(tb)
         v = a * a + s * s
@@ -199,7 +199,8 @@ class ScorePrior:
     control_variate: a `GaussianPrior` near the data (e.g. `GaussianPrior.fit(training_images, floor=...)`):
     Hutchinson then estimates tr(J - J_G) and adds the Gaussian score's trace tr J_G in closed form,
     still unbiased, with less variance the closer the data are to that Gaussian (on the shipped
-    natural-16 prior: the std of one-probe log p drops from 26 to 13 nats, see benchmarks/bench_logprob.py).
+    natural-16 prior the mean error of one-probe log p drops from 18.3 to 10.7 nats, see
+    benchmarks/bench_logprob_compare.py).
     Gradients flow to x and to any score parameters that require grad, with or without the adjoint;
     without grad mode or an x that requires grad no graph is built.
     """
