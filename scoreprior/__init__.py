@@ -22,7 +22,7 @@ from scoreprior.scores import GaussianMixtureScore, GaussianScore
 from scoreprior.sde import SDE, VESDE, SubVPSDE, VPSDE, sde_from_config
 from scoreprior.surrogate import SurrogatePrior
 from scoreprior.training import (
-    EMA, NoisePredictionScore, TrainConfig, TrainResult, dsm_loss, load_checkpoint, load_prior, save_checkpoint,
+    EMA, GaussianResidualNet, NoisePredictionScore, TrainConfig, TrainResult, dsm_loss, load_checkpoint, load_prior, save_checkpoint,
     train_score_model,
 )
 from scoreprior.ws import Haze, WhitenedScore, WSProcess, load_ws_model, sweep_lambda, ws_loss, ws_sample
@@ -36,7 +36,7 @@ __all__ = [
     "check_posterior", "importance_draws", "PosteriorCheck",
     "GaussianLikelihood", "NoiseCovariance", "DiagonalCovariance", "FourierDiagonalCovariance",
     "UNet", "MLP", "build_net", "DPI", "FitDiverged",
-    "NoisePredictionScore", "EMA", "TrainConfig", "TrainResult", "dsm_loss", "train_score_model",
+    "NoisePredictionScore", "GaussianResidualNet", "EMA", "TrainConfig", "TrainResult", "dsm_loss", "train_score_model",
     "save_checkpoint", "load_checkpoint", "load_prior", "pretrained", "available_priors",
     "sample_prior", "dps", "score_ald", "sde_projection",
     "WSProcess", "WhitenedScore", "Haze", "ws_loss", "ws_sample", "sweep_lambda", "load_ws_model",

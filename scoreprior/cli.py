@@ -43,7 +43,8 @@ from scoreprior.priors import GaussianPrior, reference_posterior
 from scoreprior.samplers import sample_prior
 from scoreprior.sde import VESDE, SubVPSDE, VPSDE
 from scoreprior.surrogate import SurrogatePrior
-from scoreprior.training import TrainConfig, load_checkpoint, train_score_model
+from scoreprior.training import (LR_SCHEDULES, TIME_SAMPLINGS, GaussianResidualNet, TrainConfig, load_checkpoint,
+                                 train_score_model)
 
 __all__ = ["main"]
 
@@ -149,16 +150,20 @@ def _train(args: argparse.Namespace) -> int:
             print(f"{out} has already done its {done} steps: nothing to train (pass a larger --steps to continue)")
             return 0
     data, provenance = _training_data(args)
+    sde = _SDES[args.sde]()
     with torch.random.fork_rng(devices=[]):  # the network's initialisation, without touching the global RNG
         torch.manual_seed(args.seed)
         net = UNet(data.shape[1], channels=args.channels)
+    if args.base == "gaussian":
+        net = GaussianResidualNet.fit(net, sde, data, floor=args.base_floor)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                         seed=args.seed, checkpoint_every=args.checkpoint_every)
+                         seed=args.seed, checkpoint_every=args.checkpoint_every, time_sampling=args.time_sampling,
+                         lr_schedule=args.lr_schedule)
     with init_from_env(args.device) as process:  # under torchrun: DDP, batch_size images per process
         if process.rank == 0:
             print(f"training a U-Net {list(args.channels)} on {tuple(data.shape)} images ({provenance}), "
                   f"{args.sde} SDE, {args.steps} steps, {process.world} process(es)")
-        result = train_score_model(net, _SDES[args.sde](), data, config, checkpoint=out, resume=args.resume,
+        result = train_score_model(net, sde, data, config, checkpoint=out, resume=args.resume,
                                    device=process.device, provenance=provenance)
     if process.rank == 0:
         print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, {result.wall_time:.1f} s")
@@ -517,6 +522,14 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--warmup", type=int, default=100, help="steps of linear learning-rate warm-up")
     train.add_argument("--seed", type=int, default=0, help="seeds the network, the batches and the noise")
     train.add_argument("--channels", type=_channels, default=(32, 64), help="U-Net channels per level")
+    train.add_argument("--base", choices=("gaussian", "none"), default="gaussian",
+                       help="gaussian: the U-Net learns a residual on the Wiener denoiser of the data's Gaussian "
+                            "(GaussianResidualNet, default); none: a plain U-Net")
+    train.add_argument("--base-floor", type=float, default=1e-4,
+                       help="eigenvalue floor of the base Gaussian's covariance, in squared image units")
+    train.add_argument("--time-sampling", choices=TIME_SAMPLINGS, default="likelihood",
+                       help="times of the loss: uniform in log(s/a) (likelihood weighting, default) or in t")
+    train.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine", help="after the warm-up")
     train.add_argument("--size", type=int, default=16, help="image size of a built-in dataset")
     train.add_argument("--n", type=int, default=2048, help="number of images of a built-in dataset")
     train.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")

@@ -23,6 +23,7 @@ __all__ = [
     "DATASETS",
     "BLACKHOLE_FOV_UAS",
     "NATURAL_IMAGES",
+    "ring_features",
     "gaussian_field",
     "sample_gaussian",
     "load_images",
@@ -297,6 +298,56 @@ def ring_radius(
     best, index = profiles.max(-1)
     weights = best.clamp_min(0)
     return (weights * radii[index]).sum(-1) / weights.sum(-1) * (fov_uas / w)
+
+
+def ring_features(images: Tensor, *, fov_uas: float = BLACKHOLE_FOV_UAS) -> dict[str, Tensor]:
+    """Diameter, width, brightness position angle and flux of centred rings (EHT ring characterisation).
+
+    diameter_uas: 2 `ring_radius`; width_uas: full width at half maximum of the azimuthally averaged
+    radial profile about its peak (linear interpolation of the half-maximum crossings), which includes
+    the blur and pixel size; position_angle_deg: arg(sum I (m + i l)) in degrees in [0, 360), east of
+    north, the angle of the brightness centroid's offset as in `blackhole_images`; flux: pixel sum.
+
+    images: (B, 1, H, W) or (B, H, W), the ring centred as in `blackhole_images`; fov_uas: image side in µas.
+    Returns {name: (B,) float64}.
+    """
+    if images.ndim == 4 and images.shape[1] == 1:
+        images = images[:, 0]
+    if images.ndim != 3 or images.shape[-1] < 4 or images.shape[-2] < 4:
+        raise ValueError(f"images: expected shape (B, 1, H, W) or (B, H, W), got {tuple(images.shape)}")
+    h, w = images.shape[-2:]
+    x = images.detach().to(device="cpu", dtype=torch.float64)
+    pixel = fov_uas / w
+    l, m = _centred_coords(w, pixel, torch.float64)[None, :], _centred_coords(h, pixel, torch.float64)[:, None]
+    r = torch.hypot(l, m).reshape(-1)
+    edges = torch.arange(0.0, min(h, w) / 2 * pixel + pixel / 2, pixel / 2, dtype=torch.float64)
+    shell = torch.bucketize(r, edges).clamp_max(len(edges) - 1) - 1
+    counts = torch.zeros(len(edges) - 1, dtype=torch.float64).index_add_(0, shell.clamp_min(0), (shell >= 0).double())
+    flat = x.reshape(x.shape[0], -1) * (shell >= 0)
+    sums = torch.zeros(x.shape[0], len(edges) - 1, dtype=torch.float64).index_add_(1, shell.clamp_min(0), flat)
+    profile = sums / counts.clamp_min(1)
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    widths = torch.stack([_fwhm(row, centres) for row in profile]) if len(profile) else torch.zeros(0, dtype=x.dtype)
+    angle = torch.rad2deg(torch.atan2((x * l).sum((1, 2)), (x * m).sum((1, 2)))) % 360.0
+    return {"diameter_uas": 2 * ring_radius(x, fov_uas=fov_uas), "width_uas": widths,
+            "position_angle_deg": angle, "flux": x.sum((1, 2))}
+
+
+def _fwhm(profile: Tensor, centres: Tensor) -> Tensor:
+    """Full width at half maximum of a 1-D profile about its peak, half-maximum crossings interpolated linearly."""
+    peak = int(profile.argmax())
+    half = 0.5 * profile[peak]
+
+    def crossing(indices: range) -> Tensor:
+        previous = peak
+        for i in indices:
+            if profile[i] < half:
+                frac = (profile[previous] - half) / (profile[previous] - profile[i])
+                return centres[previous] + frac * (centres[i] - centres[previous])
+            previous = i
+        return centres[previous]
+
+    return crossing(range(peak + 1, len(profile))) - crossing(range(peak - 1, -1, -1))
 
 
 def _skimage():

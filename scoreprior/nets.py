@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FourierEmbedding", "SinusoidalEmbedding", "UNet", "MLP", "build_net"]
+__all__ = ["FourierEmbedding", "SinusoidalEmbedding", "UNet", "MLP", "build_net", "register_net"]
 
 # Fixed seed for the random Fourier frequencies: two nets built from one config are identical
 # before training, whatever the global RNG state.
@@ -341,11 +342,22 @@ class MLP(nn.Module):
         return copy.deepcopy(self._config)
 
 
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_net(kind: str, builder: Callable[..., nn.Module]) -> None:
+    """Let `build_net` rebuild configs whose "kind" is `kind`: builder(**config without "kind") -> network.
+
+    For networks defined in modules that know more than this one, e.g. `scoreprior.training.GaussianResidualNet`.
+    """
+    _BUILDERS[kind] = builder
+
+
 def build_net(config: dict) -> nn.Module:
     """Rebuild a network from its `config()` dict (e.g. read back from JSON).
 
-    config: {"kind": "UNet" | "MLP", **constructor arguments}. Returns a freshly initialised
-    network; load a state_dict into it to restore trained weights.
+    config: {"kind": "UNet" | "MLP" | a kind registered with `register_net`, **constructor arguments}.
+    Returns a freshly initialised network; load a state_dict into it to restore trained weights.
     """
     kwargs = dict(config)
     kind = kwargs.pop("kind", None)
@@ -356,4 +368,6 @@ def build_net(config: dict) -> nn.Module:
         return UNet(**kwargs)
     if kind == "MLP":
         return MLP(**kwargs)
-    raise ValueError(f"config: expected kind 'UNet' or 'MLP', got {kind!r}")
+    if kind in _BUILDERS:
+        return _BUILDERS[kind](**kwargs)
+    raise ValueError(f"config: expected kind 'UNet', 'MLP' or one of {sorted(_BUILDERS)}, got {kind!r}")

@@ -32,6 +32,7 @@ from scoreprior.training import (
     CHECKPOINT_FORMAT,
     NoisePredictionScore,
     atomic_save,
+    base_gaussian,
     check_weights,
     load_checkpoint,
     load_prior,
@@ -40,7 +41,7 @@ from scoreprior.training import (
 )
 
 __all__ = ["PRETRAINED_DIR", "PRETRAINED_FORMAT", "available_priors", "export_pretrained", "load_pretrained",
-           "load_score_prior", "pretrained"]
+           "load_score_prior", "pretrained", "record_metadata"]
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 PRETRAINED_FORMAT = "scoreprior-pretrained"
@@ -91,6 +92,16 @@ def export_pretrained(
     return path
 
 
+def record_metadata(path: str | Path, entries: dict) -> Path:
+    """Add JSON-like `entries` (e.g. measured test likelihoods) to the metadata of the slim export `path`,
+    written atomically; the weights and their SHA-256 are unchanged. Returns the path."""
+    path = Path(path)
+    slim = _read(path)
+    slim["metadata"] = {**slim["metadata"], **json.loads(json.dumps(entries))}
+    atomic_save(slim, path)
+    return path
+
+
 def _read(path: Path) -> dict:
     """Read and validate a slim export, damaged weights included (`check_weights`); ValueError naming the file."""
     if not path.is_file():
@@ -113,8 +124,9 @@ def load_pretrained(
 
     The network is rebuilt from its config in float32 with the stored weights, in eval mode with
     gradients off, on `device` (default CPU), and wrapped as
-    ScorePrior(NoisePredictionScore(net, sde), sde, t0=t0, event_shape=..., data_range=...), data_range
-    from the metadata (default (0, 1), the range of every shipped prior's training images).
+    ScorePrior(NoisePredictionScore(net, sde), sde, t0=t0, event_shape=..., data_range=...,
+    control_variate=...), data_range from the metadata (default (0, 1), the range of every shipped prior's
+    training images), control_variate the network's base Gaussian if it has one (`base_gaussian`).
     """
     slim = _read(Path(path))
     net = build_net(slim["net_config"])
@@ -124,7 +136,7 @@ def load_pretrained(
     event_shape = tuple(slim["event_shape"])
     data_range = tuple(slim["metadata"].get("data_range") or _DEFAULT_DATA_RANGE)
     return ScorePrior(NoisePredictionScore(net, sde, event_shape=event_shape), sde, t0=t0, event_shape=event_shape,
-                      data_range=data_range)
+                      data_range=data_range, control_variate=base_gaussian(net))
 
 
 def available_priors() -> dict[str, dict]:

@@ -38,14 +38,13 @@ Time integral. With n_time_samples = K, one time per stratum of the proposal's C
 which leaves the estimate unbiased and removes most of the variance between times for K > 1. The
 proposal is uniform on [t0, T] or, with importance sampling, p(t) proportional to g^2 / s^2. For any
 linear SDE, d s^2 / dt = 2 c s^2 + g^2 and da / dt = c a, so g^2 / s^2 = -d lambda / dt with
-lambda(t) = log(a^2 / s^2) the log signal-to-noise ratio: the proposal's CDF is linear in lambda, its
-inverse is found by bisection on the monotone lambda(t), and the importance weight turns g^2 / s^2 into
-the constant lambda(t0) - lambda(T).
+lambda(t) = log(a^2 / s^2) the log signal-to-noise ratio: the proposal's CDF is linear in lambda = -2 tau,
+its inverse is `SDE.time_at_log_noise_ratio` (closed form), and the importance weight turns g^2 / s^2
+into the constant lambda(t0) - lambda(T).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -120,11 +119,6 @@ class SurrogatePrior:
             f"event_shape={self.event_shape})"
         )
 
-    def _log_snr(self, t: Tensor) -> Tensor:
-        """lambda(t) = log(a(t)^2 / s(t)^2), decreasing in t. t: (N,) -> (N,)."""
-        a, s = self.sde.marginal(t)
-        return 2.0 * (a.log() - s.log())
-
     def _sample_times(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """Times from the proposal's inverse CDF at u in [0, 1], and g^2 / (s^2 p(t)). u: (N,) -> two (N,)."""
         t0, t_end = self.t0, self.sde.T
@@ -132,16 +126,10 @@ class SurrogatePrior:
             t = t0 + u * (t_end - t0)
             _, s = self.sde.marginal(t)
             return t, (t_end - t0) * self.sde.diffusion(t) ** 2 / s**2
-        lam = self._log_snr(torch.tensor([t0, t_end], dtype=u.dtype, device=u.device))
-        target = lam[0] - u * (lam[0] - lam[1])
-        lo, hi = torch.full_like(u, t0), torch.full_like(u, t_end)
-        # Enough halvings to take the bracket below the dtype's resolution: the inverse CDF is then exact
-        # to working precision, and the importance weight is that of the times actually drawn.
-        for _ in range(2 - int(math.log2(torch.finfo(u.dtype).eps))):
-            mid = 0.5 * (lo + hi)
-            later = self._log_snr(mid) > target
-            lo, hi = torch.where(later, mid, lo), torch.where(later, hi, mid)
-        return 0.5 * (lo + hi), (lam[0] - lam[1]).expand_as(u)
+        # lambda = -2 tau with tau = log(s / a): the proposal is uniform in tau, inverted in closed form.
+        tau = self.sde.log_noise_ratio(torch.tensor([t0, t_end], dtype=torch.float64, device=u.device))
+        t = self.sde.time_at_log_noise_ratio(tau[0] + u.double() * (tau[1] - tau[0])).to(u.dtype)
+        return t, (2.0 * (tau[1] - tau[0])).to(u.dtype).expand_as(u)
 
     def _terminal(self, x: Tensor, a: Tensor, s: Tensor, generator: torch.Generator | None) -> Tensor:
         """E_z log pi(a x + s z) at T: exact for the SDE's reference density, else one draw per

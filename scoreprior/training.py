@@ -1,8 +1,11 @@
 """Denoising score matching: the loss, EMA weights, the training loop and its checkpoints.
 
 Networks here predict the noise: with x_t = a(t) x_0 + s(t) z, net(x_t, t) estimates z, and the score
-is -net(x_t, t) / s(t) (Ho et al., NeurIPS 2020; Song et al., ICLR 2021). A checkpoint is a plain
-dict of tensors, numbers, strings and lists, so it loads with `torch.load(..., weights_only=True)`.
+is -net(x_t, t) / s(t) (Ho et al., NeurIPS 2020; Song et al., ICLR 2021). `GaussianResidualNet` makes a
+network the residual on the exact noise predictor of the data's fitted Gaussian; `dsm_loss` weights times
+uniformly in t or, for priors used as densities, by the likelihood weighting (uniform in log(s / a)).
+A checkpoint is a plain dict of tensors, numbers, strings and lists, so it loads with
+`torch.load(..., weights_only=True)`.
 Checkpoints hold the SHA-256 of their weights (`weights_sha256`), checked on load with their finiteness:
 a damaged file is refused with its name instead of giving non-finite scores downstream.
 """
@@ -28,12 +31,14 @@ from tqdm.auto import tqdm
 
 from scoreprior.density import ScorePrior
 from scoreprior.distributed import broadcast_from_rank0, gather_ordered, item_seed, rank_and_world
-from scoreprior.nets import build_net
+from scoreprior.nets import build_net, register_net
+from scoreprior.priors import GaussianPrior
 from scoreprior.sde import SDE, batch_times, per_sample, sde_from_config
 
 __all__ = [
     "CHECKPOINT_VERSION",
     "NoisePredictionScore",
+    "GaussianResidualNet",
     "dsm_loss",
     "EMA",
     "TrainConfig",
@@ -48,6 +53,8 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "scoreprior-checkpoint"
 CHECKPOINT_VERSION = 1
+TIME_SAMPLINGS = ("uniform", "likelihood")
+LR_SCHEDULES = ("constant", "cosine")
 _REQUIRED_KEYS = (
     "format", "version", "net_config", "sde_config", "event_shape", "net", "ema", "step", "loss_history",
 )
@@ -80,6 +87,79 @@ class NoisePredictionScore(nn.Module):
         return -eps / per_sample(s, x)
 
 
+class GaussianResidualNet(nn.Module):
+    """Noise predictor = the exact one of a Gaussian fitted to the data + a network's residual.
+
+    For x_0 ~ N(mu, C), C = V diag(lambda) V^T, and x_t = a(t) x_0 + s(t) z, the best noise predictor is
+        E[z | x_t] = s V diag(1 / (a^2 lambda + s^2)) V^T (x_t - a mu),
+    the Wiener denoiser. The network learns what the data add to their Gaussian: at high noise, where the
+    marginals of natural images are nearly Gaussian, it has little to learn, and a Gaussian's covariance,
+    global across the image, needs no large receptive field. Untrained (zero last layer), the model is
+    the Gaussian fitted to its data.
+
+    net: network net(x, t) -> shaped like x (a `UNet`, ...); sde: the forward SDE giving a(t), s(t);
+    mean: (*event_shape) Gaussian mean; eigvals: (d,) covariance eigenvalues, > 0; eigvecs: (d, d)
+    orthonormal eigenvectors in its columns (d = prod(event_shape)). `fit` builds them from images.
+    They are buffers: saved in the state dict with the network's weights.
+
+    Call: x (B, *event_shape), t (B,) in [0, 1] -> (B, *event_shape).
+    """
+
+    def __init__(self, net: nn.Module, sde: SDE, mean: Tensor, eigvals: Tensor, eigvecs: Tensor):
+        super().__init__()
+        d = mean.numel()
+        if eigvals.shape != (d,) or eigvecs.shape != (d, d):
+            raise ValueError(f"eigvals, eigvecs: expected shapes ({d},) and ({d}, {d}) for mean of shape "
+                             f"{tuple(mean.shape)}, got {tuple(eigvals.shape)} and {tuple(eigvecs.shape)}")
+        if not bool((eigvals > 0).all()):
+            raise ValueError(f"eigvals: expected positive values, got minimum {float(eigvals.min())}")
+        self.net = net
+        self.sde = sde
+        self.register_buffer("mean", mean.detach().float().clone())
+        self.register_buffer("eigvals", eigvals.detach().float().clone())
+        self.register_buffer("eigvecs", eigvecs.detach().float().clone())
+
+    @classmethod
+    def fit(cls, net: nn.Module, sde: SDE, images: Tensor, *, floor: float) -> GaussianResidualNet:
+        """The model on the Gaussian N(sample mean, sample covariance + floor I) of images (N, *event_shape)."""
+        gaussian = GaussianPrior.fit(images, floor=floor)
+        eigvals, eigvecs = torch.linalg.eigh(gaussian.cov)
+        return cls(net, sde, gaussian.mean, eigvals.clamp_min(floor), eigvecs)
+
+    def gaussian(self) -> GaussianPrior:
+        """The base Gaussian N(mean, V diag(eigvals) V^T), float64 on the CPU: the natural control variate of
+        the model's log-density (`ScorePrior(control_variate=...)`, set by `load_prior` and `load_pretrained`)."""
+        vecs = self.eigvecs.detach().double().cpu()
+        return GaussianPrior(self.mean.detach().double().cpu(), (vecs * self.eigvals.double().cpu()) @ vecs.mT)
+
+    def gaussian_noise(self, x: Tensor, t: Tensor) -> Tensor:
+        """E[z | x_t] under the Gaussian. x: (B, *event_shape), t: (B,) -> shaped like x."""
+        a, s = self.sde.marginal(t)
+        flat = x.reshape(x.shape[0], -1) - a[:, None] * self.mean.reshape(1, -1)
+        gain = s[:, None] / (a[:, None] ** 2 * self.eigvals + s[:, None] ** 2)
+        return ((flat @ self.eigvecs) * gain @ self.eigvecs.mT).reshape(x.shape)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        if x.shape[1:] != self.mean.shape:
+            raise ValueError(f"x: expected shape (B, {', '.join(map(str, self.mean.shape))}), got {tuple(x.shape)}")
+        return self.gaussian_noise(x, t) + self.net(x, t)
+
+    def config(self) -> dict:
+        """{"kind": "GaussianResidualNet", "net": the network's config, "sde": the SDE's, "event_shape"}."""
+        return {"kind": "GaussianResidualNet", "net": self.net.config(), "sde": self.sde.config(),
+                "event_shape": list(self.mean.shape)}
+
+
+def _build_gaussian_residual(net: dict, sde: dict, event_shape: list[int]) -> GaussianResidualNet:
+    """An untrained GaussianResidualNet of a config, its Gaussian N(0, I) until a state dict is loaded."""
+    d = math.prod(event_shape)
+    return GaussianResidualNet(build_net(net), sde_from_config(sde), torch.zeros(event_shape), torch.ones(d),
+                               torch.eye(d))
+
+
+register_net("GaussianResidualNet", _build_gaussian_residual)
+
+
 def dsm_loss(
     net: Callable[[Tensor, Tensor], Tensor],
     sde: SDE,
@@ -88,6 +168,7 @@ def dsm_loss(
     generator: torch.Generator | None = None,
     eps: float = 1e-5,
     reduction: str = "mean",
+    time_sampling: str = "uniform",
 ) -> Tensor:
     """Denoising score-matching loss in noise-prediction form (Vincent 2011; Song et al., ICLR 2021).
 
@@ -98,9 +179,16 @@ def dsm_loss(
     of Song et al. (2021), divided by the dimension d so values are comparable across image sizes.
     A perfect noise predictor scores 1 - s(t)^2 tr((a^2 C + s^2 I)^-1) / d on N(mu, C) data, not 0.
 
+    time_sampling="likelihood" draws tau = log(s / a) uniformly on [tau(eps), tau(1)] instead, t = the time
+    at tau. As d tau / dt = g^2 / (2 s^2), this is the likelihood weighting lambda(t) = g(t)^2 by
+    importance sampling (Song, Durkan, Murray & Ermon, NeurIPS 2021): the loss is then
+    int g^2 E||score - grad log p(x_t | x_0)||^2 dt / (2 d (tau(1) - tau(eps))), whose minimisation bounds
+    the KL divergence of the data from the model, and every tau gets the same share of the draws.
+
     net: noise predictor net(x, t) -> shaped like x; x0: (B, *event_shape) clean data;
     generator: draws t and z (on x0's device); eps: smallest time;
-    reduction: "mean" (a scalar) or "none" (the (B,) per-sample losses).
+    reduction: "mean" (a scalar) or "none" (the (B,) per-sample losses);
+    time_sampling: "uniform" (in t) or "likelihood" (uniform in log(s / a)).
     """
     if x0.ndim < 2 or x0.shape[0] == 0:
         raise ValueError(f"x0: expected a non-empty batch (B, *event_shape), got {tuple(x0.shape)}")
@@ -108,8 +196,15 @@ def dsm_loss(
         raise ValueError(f"eps: expected a number in [0, 1), got {eps}")
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction: expected 'mean' or 'none', got {reduction!r}")
+    if time_sampling not in TIME_SAMPLINGS:
+        raise ValueError(f"time_sampling: expected one of {TIME_SAMPLINGS}, got {time_sampling!r}")
     b = x0.shape[0]
-    t = eps + (1.0 - eps) * torch.rand(b, generator=generator, device=x0.device, dtype=x0.dtype)
+    u = torch.rand(b, generator=generator, device=x0.device, dtype=x0.dtype)
+    if time_sampling == "uniform":
+        t = eps + (1.0 - eps) * u
+    else:
+        tau = sde.log_noise_ratio(torch.tensor([eps, sde.T], device=x0.device, dtype=torch.float64))
+        t = sde.time_at_log_noise_ratio(tau[0] + u.double() * (tau[1] - tau[0])).to(x0.dtype)
     z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     xt = sde.perturb(x0, t, z)
     losses = (net(xt, t) - z).pow(2).reshape(b, -1).mean(1)
@@ -173,7 +268,9 @@ class TrainConfig:
     seed: seeds the generator for batch indices, times and noise (rank r of a distributed run uses
     `scoreprior.distributed.item_seed(seed, r)`; network initialisation is the caller's);
     checkpoint_every: steps between checkpoints (0: only at the end);
-    log_every: steps between refreshes of the progress bar's running loss.
+    log_every: steps between refreshes of the progress bar's running loss;
+    time_sampling: how the default loss draws times, see `dsm_loss` ("uniform" or "likelihood");
+    lr_schedule: "constant" after warm-up, or "cosine": lr (1 + cos(pi k / steps)) / 2 at step k.
     """
 
     steps: int = 1000
@@ -185,6 +282,8 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0
     log_every: int = 10
+    time_sampling: str = "uniform"
+    lr_schedule: str = "constant"
 
     def __post_init__(self):
         for name in ("steps", "warmup", "checkpoint_every"):
@@ -199,6 +298,15 @@ class TrainConfig:
             raise ValueError(f"grad_clip: expected a positive number or None, got {self.grad_clip}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay: expected a number in [0, 1), got {self.ema_decay}")
+        if self.time_sampling not in TIME_SAMPLINGS:
+            raise ValueError(f"time_sampling: expected one of {TIME_SAMPLINGS}, got {self.time_sampling!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule: expected one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of step `step` (0-based): linear warm-up, then the schedule."""
+        decay = 0.5 * (1.0 + math.cos(math.pi * step / self.steps)) if self.lr_schedule == "cosine" else 1.0
+        return self.lr * decay * (min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0)
 
 
 @dataclass
@@ -420,7 +528,8 @@ def train_score_model(
     device: where to train (default: the net's device); progress: show a tqdm bar with the loss;
     provenance: free text recorded in the checkpoint, e.g. the data's source;
     loss_fn: loss_fn(net, x0, generator) -> scalar loss on a (batch_size, *event_shape) batch, drawing
-        its randomness from `generator` (default: dsm_loss(net, sde, x0, generator=generator)); `sde` is
+        its randomness from `generator` (default: dsm_loss(net, sde, x0, generator=generator,
+        time_sampling=config.time_sampling)); `sde` is
         still the one recorded in checkpoints. Under DDP it receives the DistributedDataParallel wrapper:
         it should call it once per step (the gradient all-reduce hooks on that call) and reach the
         network's attributes through `.module`.
@@ -442,13 +551,15 @@ def train_score_model(
     if not isinstance(data, Tensor) or data.ndim < 2 or data.shape[0] == 0 or not data.is_floating_point():
         shape = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
         raise ValueError(f"data: expected a non-empty floating-point tensor (N, *event_shape), got {shape}")
+    if isinstance(net, GaussianResidualNet) and net.sde.config() != sde.config():
+        raise ValueError(f"sde: {sde!r} differs from the {net.sde!r} of the network's Gaussian base")
     param = next(net.parameters())
     device = torch.device(device) if device is not None else param.device
     net.to(device)
     data = data.to(device=device, dtype=param.dtype)
     if loss_fn is None:
         def loss_fn(net: nn.Module, x0: Tensor, generator: torch.Generator) -> Tensor:
-            return dsm_loss(net, sde, x0, generator=generator)
+            return dsm_loss(net, sde, x0, generator=generator, time_sampling=config.time_sampling)
     event_shape = data.shape[1:]
     data_range = (float(data.min()), float(data.max()))
     checkpoint = Path(checkpoint) if checkpoint is not None else None
@@ -486,7 +597,7 @@ def train_score_model(
                disable=not progress or rank != 0, dynamic_ncols=True)
     while step < config.steps:
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup) if config.warmup else config.lr
+            group["lr"] = config.learning_rate(step)
         idx = torch.randint(data.shape[0], (config.batch_size,), generator=generator, device=device)
         loss = loss_fn(model, data[idx], generator)
         optimizer.zero_grad(set_to_none=True)
@@ -532,8 +643,10 @@ def load_prior(
 
     The network is rebuilt from its config with the EMA weights (or the raw weights if not use_ema),
     put in eval mode with gradients off, wrapped in `NoisePredictionScore`, and returned as
-    ScorePrior(score, sde, t0=t0, event_shape=..., data_range=...) (data_range: the training images'
-    (min, max) when the checkpoint records it). device: where the network lives (default CPU).
+    ScorePrior(score, sde, t0=t0, event_shape=..., data_range=..., control_variate=...) (data_range: the
+    training images' (min, max) when the checkpoint records it; control_variate: the base Gaussian of a
+    `GaussianResidualNet`, which lowers the Hutchinson noise of log p). device: where the network lives
+    (default CPU).
     """
     checkpoint = load_checkpoint(path)
     net = build_net(checkpoint["net_config"])
@@ -547,4 +660,9 @@ def load_prior(
     score = NoisePredictionScore(net, sde, event_shape=event_shape)
     data_range = checkpoint.get("data_range")
     return ScorePrior(score, sde, t0=t0, event_shape=event_shape,
-                      data_range=None if data_range is None else tuple(data_range))
+                      data_range=None if data_range is None else tuple(data_range), control_variate=base_gaussian(net))
+
+
+def base_gaussian(net: nn.Module) -> GaussianPrior | None:
+    """The base Gaussian of a `GaussianResidualNet` (`GaussianResidualNet.gaussian`), None for other networks."""
+    return net.gaussian() if isinstance(net, GaussianResidualNet) else None

@@ -52,17 +52,19 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from scoreprior.data import natural_patches, pca_gaussian, sample_gaussian
+from scoreprior.data import builtin_dataset, natural_patches, pca_gaussian, sample_gaussian
 from scoreprior.density import ScorePrior
 from scoreprior.diagnostics import linear_fit
 from scoreprior.plots import logprob_scatter
 from scoreprior.pretrained import available_priors, load_pretrained, pretrained
+from scoreprior.priors import GaussianPrior
 from scoreprior.scores import GaussianScore
 
 PRIOR = "gaussian-16"
 T0 = 1e-3
 SIZE = 16
 BATCH = 16
+CONTROL_FLOOR = 1e-4
 OOD_SETS = ("digits", "natural", "constant", "noise")
 COLORS = {"in-distribution": "C0", "digits": "C1", "natural": "C2", "constant": "C3", "noise": "C4"}
 
@@ -78,6 +80,8 @@ def study_parser(doc: str, quick_help: str, defaults: dict[str, tuple[int, int]]
     p.add_argument("--seed", type=int, default=0, help="seeds the images and the probes")
     p.add_argument("--prior-file", type=Path, default=None,
                    help=f"slim export to use instead of the shipped {PRIOR} (trained on the same Gaussian)")
+    p.add_argument("--no-control-variate", dest="control_variate", action="store_false",
+                   help="Hutchinson without the Gaussian control variate (fitted to 20,000 training draws)")
     p.add_argument("--n-in", type=int, default=None, help="Gaussian samples (default %d; quick %d)" % defaults["n_in"])
     p.add_argument("--n-ood", type=int, default=None,
                    help="digits and natural patches each (default %d; quick %d)" % defaults["n_ood"])
@@ -115,8 +119,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parse_study_args(p, argv, defaults)
 
 
-def load_problem(prior_file: Path | None) -> tuple[ScorePrior, GaussianScore, dict]:
-    """The learned prior, the exact score of the Gaussian it was trained on (same SDE), and its provenance."""
+def load_problem(prior_file: Path | None, control_variate: bool) -> tuple[ScorePrior, GaussianScore, dict]:
+    """The learned prior, the exact score of the Gaussian it was trained on (same SDE), and its provenance.
+
+    control_variate: give the prior the Gaussian fitted to the 20,000 draws it was trained on
+    (`train_priors.datasets`, seed 0) as Hutchinson's control variate, which leaves log p unbiased.
+    """
     if prior_file is None:
         prior, meta = pretrained(PRIOR, t0=T0), available_priors()[PRIOR]
         info = {"prior": PRIOR, **{k: meta.get(k) for k in ("provenance", "steps", "final_loss", "wall_time_s")}}
@@ -126,7 +134,14 @@ def load_problem(prior_file: Path | None) -> tuple[ScorePrior, GaussianScore, di
         raise ValueError(f"prior: expected event shape (1, {SIZE}, {SIZE}), got {tuple(prior.event_shape)}")
     # builtin_dataset("pca-gaussian") trains on pca_gaussian(size) with its defaults: faces, floor 0.01
     mean, cov = pca_gaussian(SIZE)
-    info.update(truth="pca_gaussian(16): faces, all 256 components, eigenvalue floor 0.01", sde=repr(prior.sde))
+    info.update(truth="pca_gaussian(16): faces, all 256 components, eigenvalue floor 0.01", sde=repr(prior.sde),
+                control_variate=None)
+    if control_variate:
+        train = builtin_dataset("pca-gaussian", 20000, size=SIZE, generator=torch.Generator().manual_seed(0))
+        gaussian = GaussianPrior.fit(train, floor=CONTROL_FLOOR)
+        prior = ScorePrior(prior.score, prior.sde, t0=T0, event_shape=prior.event_shape, data_range=prior.data_range,
+                           control_variate=gaussian)
+        info["control_variate"] = f"GaussianPrior.fit(20,000 training draws, floor={CONTROL_FLOOR})"
     return prior, GaussianScore(mean, cov, prior.sde), info
 
 
@@ -148,7 +163,7 @@ def setup(args: argparse.Namespace) -> Problem:
     """Create --out; load the prior and its truth, draw the image sets."""
     load_start = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
-    prior, truth, info = load_problem(args.prior_file)
+    prior, truth, info = load_problem(args.prior_file, args.control_variate)
     sets = image_sets(truth, args.n_in, args.n_ood, args.n_flat, args.seed)
     return Problem(prior, truth, ScorePrior(truth, prior.sde, t0=T0), sets, info, dict(rtol=args.tol, atol=args.tol),
                    torch.Generator().manual_seed(args.seed + 1), load_start)

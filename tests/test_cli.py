@@ -220,7 +220,7 @@ def test_bad_options_are_refused_by_name_before_any_work(tiny, tmp_path, capsys)
     refused(["demo", "--out", str(blocker / "demo")], "--out")
     # 8-bit values against a prior of images in [0, 1] (shipped) or in the recorded training range
     np.save(tmp_path / "x255.npy", np.linspace(0, 255, 256, dtype=np.float32).reshape(1, 16, 16))
-    refused(["logprob", "gaussian-16", str(tmp_path / "x255.npy"), "--out", str(tmp_path / "l.csv")],
+    refused(["logprob", "natural-16", str(tmp_path / "x255.npy"), "--out", str(tmp_path / "l.csv")],
             "[0, 255]", "[0, 1]", "rescale")
     np.save(tmp_path / "x8.npy", np.load(image) * 255 + 128)
     refused(["posterior", ckpt, "--operator", "blur:1", "--truth", str(tmp_path / "x8.npy"), "--sigma", "0.1",

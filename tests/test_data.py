@@ -9,6 +9,7 @@ from scoreprior.data import (
     DATASETS,
     blackhole_images,
     builtin_dataset,
+    ring_features,
     face_images,
     gaussian_field,
     load_images,
@@ -317,3 +318,18 @@ def test_builtin_dataset_image_sets(name):
     if name == "faces":  # 150 <= 200 draws: distinct images of the 100 faces and their mirrors
         assert len(torch.unique(a.reshape(150, -1), dim=0)) == 150
         assert builtin_dataset(name, 450, size=8).shape == (450, 1, 8, 8)
+
+
+def test_ring_features_recover_the_generator_parameters():
+    images, params = blackhole_images(100, 32, blur_uas=0.0, asymmetry=(0.5, 1.0), width_uas=(8.0, 12.0),
+                                      generator=torch.Generator().manual_seed(0), return_params=True)
+    found = ring_features(images)
+    # A crescent's brightness centroid lies in the direction of its brightest point.
+    error = (found["position_angle_deg"] - params["position_angle_deg"] + 180.0) % 360.0 - 180.0
+    assert error.abs().max() < 0.01
+    torch.testing.assert_close(found["flux"], params["flux"], rtol=1e-6, atol=1e-6)
+    assert (found["diameter_uas"] / params["diameter_uas"] - 1).abs().mean() < 0.02
+    # Half-pixel radial shells of 5 µas pixels: the width is a coarse measurement, right on average.
+    assert abs(float((found["width_uas"] / params["width_uas"]).mean()) - 1.0) < 0.15
+    with pytest.raises(ValueError, match="images: expected shape"):
+        ring_features(torch.zeros(2, 3, 32, 32))

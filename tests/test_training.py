@@ -3,16 +3,20 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 from torch import nn
 
 from scoreprior.data import gaussian_field, sample_gaussian
 from scoreprior.density import ScorePrior
-from scoreprior.nets import MLP, UNet
+from scoreprior.nets import MLP, UNet, build_net
+from scoreprior.pretrained import export_pretrained, load_pretrained
+from scoreprior.priors import GaussianPrior
 from scoreprior.scores import GaussianScore
 from scoreprior.sde import VPSDE
 from scoreprior.training import (
     CHECKPOINT_VERSION,
     EMA,
+    GaussianResidualNet,
     NoisePredictionScore,
     TrainConfig,
     dsm_loss,
@@ -352,3 +356,99 @@ def test_checkpoints_record_the_training_data_range(tmp_path):
                       progress=False)
     assert load_checkpoint(tmp_path / "c.pt")["data_range"] == [-0.5, 2.0]
     assert load_prior(tmp_path / "c.pt").data_range == (-0.5, 2.0)
+
+
+def optimal_loss_likelihood(truth: GaussianScore, eps: float, n: int = 20001) -> float:
+    """E_tau[1 - s^2 tr((a^2 C + s^2 I)^-1) / d], tau = log(s / a) ~ U(tau(eps), tau(1)), by the trapezoid rule."""
+    sde = truth.sde
+    ends = sde.log_noise_ratio(torch.tensor([eps, sde.T], dtype=torch.float64))
+    tau = torch.linspace(float(ends[0]), float(ends[1]), n, dtype=torch.float64)
+    a, s = sde.marginal(sde.time_at_log_noise_ratio(tau))
+    f = 1.0 - (s[:, None] ** 2 / (a[:, None] ** 2 * truth.eigvals + s[:, None] ** 2)).mean(1)
+    return (torch.trapezoid(f, tau) / (ends[1] - ends[0])).item()
+
+
+def test_likelihood_time_sampling_matches_closed_form_minimum(sde):
+    mean, cov = small_field()
+    truth = GaussianScore(mean, cov, sde)
+    g = torch.Generator().manual_seed(0)
+    x0 = sample_gaussian(mean, cov, 40000, generator=g)
+    losses = dsm_loss(ExactNoisePredictor(truth), sde, x0, generator=g, eps=1e-3, reduction="none",
+                      time_sampling="likelihood")
+    stderr = losses.std().item() / math.sqrt(losses.numel())
+    expected = optimal_loss_likelihood(truth, 1e-3)
+    assert abs(losses.mean().item() - expected) < 4 * stderr
+    # The two weightings differ here, so the test can tell them apart.
+    assert abs(expected - optimal_loss(truth, 1e-3)) > 20 * stderr
+
+
+def test_likelihood_time_sampling_is_uniform_in_log_noise_ratio():
+    sde = VPSDE()
+    times = []
+
+    def record(x, t):
+        times.append(t)
+        return torch.zeros_like(x)
+
+    dsm_loss(record, sde, torch.zeros(4000, 2), generator=torch.Generator().manual_seed(1), eps=1e-4,
+             time_sampling="likelihood")
+    ends = sde.log_noise_ratio(torch.tensor([1e-4, 1.0], dtype=torch.float64))
+    u = ((sde.log_noise_ratio(times[0].double()) - ends[0]) / (ends[1] - ends[0])).numpy()
+    assert stats.kstest(u, "uniform").pvalue > 0.01
+    with pytest.raises(ValueError, match="time_sampling"):
+        dsm_loss(record, sde, torch.zeros(4, 2), time_sampling="log")
+
+
+def test_gaussian_residual_net_is_the_wiener_denoiser_of_its_fit(sde):
+    mean, cov = small_field()
+    images = sample_gaussian(mean, cov, 500, generator=torch.Generator().manual_seed(2)).float()
+    model = GaussianResidualNet.fit(UNet(1, channels=(8,), groups=4), sde, images, floor=1e-3)
+    fitted = GaussianPrior.fit(images, floor=1e-3)
+    exact = ExactNoisePredictor(GaussianScore(fitted.mean, fitted.cov, sde))
+    x = torch.randn(6, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([1e-3, 0.01, 0.1, 0.3, 0.7, 1.0])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t), exact(x.double(), t.double()).float(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="x: expected shape"):
+        model(torch.zeros(2, 1, 4, 8), t[:2])
+
+
+def test_gaussian_residual_net_rebuilds_from_its_config(tmp_path):
+    images = torch.rand(50, 1, 4, 4, generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(0)
+    model = GaussianResidualNet.fit(UNet(1, channels=(8,), groups=4), VPSDE(), images, floor=1e-3)
+    nn.init.normal_(model.net.conv_out.weight, std=0.1)
+    rebuilt = build_net(model.config())
+    rebuilt.load_state_dict(model.state_dict())
+    x, t = torch.randn(3, 1, 4, 4), torch.tensor([0.01, 0.5, 0.9])
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x, t), model(x, t))
+    path = tmp_path / "ckpt.pt"
+    with pytest.raises(ValueError, match="Gaussian base"):
+        train_score_model(model, VPSDE(beta_max=10.0), images, TrainConfig(steps=2, batch_size=8), progress=False)
+    train_score_model(model, VPSDE(), images, TrainConfig(steps=2, batch_size=8, warmup=1), checkpoint=path,
+                      progress=False)
+    export = export_pretrained(path, tmp_path / "slim.pt")
+    prior = load_pretrained(export)
+    assert prior.score.net.eigvecs.dtype == torch.float32
+    assert prior.score.net.net.conv_out.weight.dtype == torch.float32
+    # The base Gaussian becomes the control variate of log p, whichever way the prior is loaded.
+    fitted = GaussianPrior.fit(images, floor=1e-3)
+    x = torch.rand(4, 1, 4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for loaded in (prior, load_prior(path)):
+        torch.testing.assert_close(loaded.control_variate.log_prob(x), fitted.log_prob(x), rtol=1e-5, atol=1e-4)
+
+
+def test_learning_rate_schedules():
+    constant = TrainConfig(steps=100, lr=1e-3, warmup=10)
+    assert constant.learning_rate(0) == pytest.approx(1e-4)
+    assert constant.learning_rate(9) == pytest.approx(1e-3)
+    assert constant.learning_rate(99) == pytest.approx(1e-3)
+    cosine = TrainConfig(steps=100, lr=1e-3, warmup=0, lr_schedule="cosine")
+    assert cosine.learning_rate(0) == pytest.approx(1e-3)
+    assert cosine.learning_rate(50) == pytest.approx(5e-4)
+    assert cosine.learning_rate(100) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="step")
+    with pytest.raises(ValueError, match="time_sampling"):
+        TrainConfig(time_sampling="log")
