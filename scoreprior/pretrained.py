@@ -1,11 +1,12 @@
 """Pretrained score priors shipped with the package, loaded offline by name.
 
 The files in `scoreprior/pretrained/` are slim exports of training checkpoints (`export_pretrained`):
-only the EMA weights (parameters in float16 by default, which keeps each file near 1 MB), the network
-and SDE configs, the event shape, and metadata about the training run (data provenance, steps, wall
-time, final loss). `studies/train_priors.py` trains and exports them reproducibly. Exports hold the
-SHA-256 of their weights, checked on load with their finiteness (the files shipped before digests were
-stored are checked for finiteness only): a damaged file is refused with its name.
+only the EMA weights (parameters in float16 by default; buffers such as a `GaussianResidualNet`'s
+Gaussian stay float32: 1 MB at 16 × 16, 5 MB at 32 × 32), the network and SDE configs, the event shape,
+and metadata about the training run (data provenance, steps, wall time, final loss, recipe, and the
+held-out test NLL added by `record_metadata`). `studies/train_priors.py` trains and exports them
+reproducibly. Exports hold the SHA-256 of their weights, checked on load with their finiteness (the files
+shipped before digests were stored are checked for finiteness only): a damaged file is refused with its name.
 
     import torch
     from scoreprior.pretrained import available_priors, pretrained
