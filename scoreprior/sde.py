@@ -77,6 +77,17 @@ class SDE(ABC):
             lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
         return (0.5 * (lo + hi)).to(tau.dtype)
 
+    def times_uniform_in_log_noise_ratio(self, u: Tensor, t_min: float) -> tuple[Tensor, Tensor]:
+        """Times on [t_min, T] whose tau = `log_noise_ratio` is uniform: the inverse CDF at u in [0, 1].
+
+        Their density is p(t) = (d tau / dt) / span = g^2 / (2 s^2 span), so g^2 / s^2 = 2 span / p(t): the
+        likelihood weighting by importance sampling (used by `dsm_loss` and `SurrogatePrior`).
+        u: (N,) -> t (N,) in u's dtype, and span = tau(T) - tau(t_min), a float64 scalar tensor.
+        """
+        ends = self.log_noise_ratio(torch.tensor([t_min, self.T], dtype=torch.float64, device=u.device))
+        span = ends[1] - ends[0]
+        return self.time_at_log_noise_ratio(ends[0] + u.double() * span).to(u.dtype), span
+
     def drift(self, x: Tensor, t: Tensor | float) -> Tensor:
         """f(x, t). x: (B, *event_shape), t: scalar or (B,) -> shaped like x."""
         return per_sample(self.drift_coeff(batch_times(t, x)), x) * x

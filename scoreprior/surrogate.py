@@ -126,10 +126,9 @@ class SurrogatePrior:
             t = t0 + u * (t_end - t0)
             _, s = self.sde.marginal(t)
             return t, (t_end - t0) * self.sde.diffusion(t) ** 2 / s**2
-        # lambda = -2 tau with tau = log(s / a): the proposal is uniform in tau, inverted in closed form.
-        tau = self.sde.log_noise_ratio(torch.tensor([t0, t_end], dtype=torch.float64, device=u.device))
-        t = self.sde.time_at_log_noise_ratio(tau[0] + u.double() * (tau[1] - tau[0])).to(u.dtype)
-        return t, (2.0 * (tau[1] - tau[0])).to(u.dtype).expand_as(u)
+        # lambda = -2 tau with tau = log(s / a): the proposal is uniform in tau.
+        t, span = self.sde.times_uniform_in_log_noise_ratio(u, t0)
+        return t, (2.0 * span).to(u.dtype).expand_as(u)
 
     def _terminal(self, x: Tensor, a: Tensor, s: Tensor, generator: torch.Generator | None) -> Tensor:
         """E_z log pi(a x + s z) at T: exact for the SDE's reference density, else one draw per

@@ -203,8 +203,7 @@ def dsm_loss(
     if time_sampling == "uniform":
         t = eps + (1.0 - eps) * u
     else:
-        tau = sde.log_noise_ratio(torch.tensor([eps, sde.T], device=x0.device, dtype=torch.float64))
-        t = sde.time_at_log_noise_ratio(tau[0] + u.double() * (tau[1] - tau[0])).to(x0.dtype)
+        t, _ = sde.times_uniform_in_log_noise_ratio(u, eps)
     z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     xt = sde.perturb(x0, t, z)
     losses = (net(xt, t) - z).pow(2).reshape(b, -1).mean(1)

@@ -73,16 +73,15 @@ def kl_bound(net: torch.nn.Module, sde: VPSDE, n: int, seed: int) -> dict:
     truth = GaussianScore(mean, cov, sde)
     gen = torch.Generator().manual_seed(seed)
     x0 = sample_gaussian(mean, cov, n, generator=gen)
-    tau = sde.log_noise_ratio(torch.tensor([T0, sde.T], dtype=torch.float64))
     u = (torch.arange(n, dtype=torch.float64) + torch.rand(n, generator=gen, dtype=torch.float64)) / n
-    t = sde.time_at_log_noise_ratio(tau[0] + u * (tau[1] - tau[0]))
+    t, span = sde.times_uniform_in_log_noise_ratio(u, T0)
     z = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
     xt = sde.perturb(x0, t, z)
     _, s = sde.marginal(t)
     with torch.no_grad():
         eps = torch.cat([net(xb.float(), tb.float()).double() for xb, tb in zip(xt.split(256), t.split(256))])
     best = -truth(xt, t) * s[:, None, None, None]
-    terms = float(tau[1] - tau[0]) * (eps - best).pow(2).reshape(n, -1).sum(1)
+    terms = float(span) * (eps - best).pow(2).reshape(n, -1).sum(1)
     return {"kl_bound_nats": float(terms.mean()), "kl_bound_se": float(terms.std() / math.sqrt(n)), "n": n}
 
 

@@ -100,3 +100,14 @@ def test_log_noise_ratio_rate_is_g2_over_2s2():
         h = 1e-6
         rate = (sde.log_noise_ratio(t + h) - sde.log_noise_ratio(t - h)) / (2 * h)
         torch.testing.assert_close(rate, sde.diffusion(t) ** 2 / (2 * sde.marginal(t)[1] ** 2), rtol=1e-6, atol=0)
+
+
+def test_times_uniform_in_log_noise_ratio_invert_the_linear_cdf(sde):
+    u = torch.linspace(0.0, 1.0, 11, dtype=torch.float64)
+    t, span = sde.times_uniform_in_log_noise_ratio(u, 1e-3)
+    ends = sde.log_noise_ratio(torch.tensor([1e-3, sde.T], dtype=torch.float64))
+    torch.testing.assert_close(span, ends[1] - ends[0])
+    torch.testing.assert_close(sde.log_noise_ratio(t), ends[0] + u * span, rtol=1e-9, atol=1e-9)
+    assert t.dtype == u.dtype and abs(float(t[0]) - 1e-3) < 1e-9 and abs(float(t[-1]) - sde.T) < 1e-9
+    t32, _ = sde.times_uniform_in_log_noise_ratio(u.float(), 1e-3)
+    assert t32.dtype == torch.float32
