@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -171,6 +172,7 @@ def figure(curves: dict) -> Figure:
             freq = torch.arange(1, len(ps_data) + 1)
             ax.loglog(freq, ps_data, "k-", label="test images")
             ax.loglog(freq, ps_samples, "C0--", label="prior samples")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on 8 or 16 frequencies
             ax.set(title=f"{name}: power spectrum", xlabel="frequency (cycles / image)")
             ax.legend(fontsize=7)
         else:
