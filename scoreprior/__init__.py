@@ -12,7 +12,9 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from scoreprior.density import ScorePrior, bits_per_dim
 from scoreprior.importance import PosteriorCheck, check_posterior, importance_draws
-from scoreprior.likelihood import DiagonalCovariance, FourierDiagonalCovariance, GaussianLikelihood, NoiseCovariance
+from scoreprior.likelihood import (
+    ClosureLikelihood, DiagonalCovariance, FourierDiagonalCovariance, GaussianLikelihood, NoiseCovariance,
+)
 from scoreprior.nets import MLP, UNet, build_net
 from scoreprior.posterior import DPI, FitDiverged
 from scoreprior.pretrained import available_priors, pretrained
@@ -34,7 +36,7 @@ __all__ = [
     "GaussianScore", "GaussianMixtureScore",
     "ScorePrior", "bits_per_dim", "SurrogatePrior", "GaussianPrior", "gaussian_posterior", "reference_posterior",
     "check_posterior", "importance_draws", "PosteriorCheck",
-    "GaussianLikelihood", "NoiseCovariance", "DiagonalCovariance", "FourierDiagonalCovariance",
+    "GaussianLikelihood", "ClosureLikelihood", "NoiseCovariance", "DiagonalCovariance", "FourierDiagonalCovariance",
     "UNet", "MLP", "build_net", "DPI", "FitDiverged",
     "NoisePredictionScore", "GaussianResidualNet", "EMA", "TrainConfig", "TrainResult", "dsm_loss", "train_score_model",
     "save_checkpoint", "load_checkpoint", "load_prior", "pretrained", "available_priors",

@@ -4,6 +4,7 @@
     scoreprior logprob prior.pt images.npy --out logp.csv
     scoreprior demo --out scoreprior-demo
     scoreprior posterior prior.pt --operator blur:1 --truth image.npy --sigma 0.1 --out posterior
+    scoreprior posterior blackhole-32 --uvfits m87.uvfits --likelihood closure --out m87
 
 A thin layer over `scoreprior.training`, `scoreprior.density`, `scoreprior.posterior` and `scoreprior.data`.
 Wherever a checkpoint is expected, a shipped prior's name (`natural-32`, see
@@ -34,9 +35,11 @@ from scoreprior.data import DATASETS, builtin_dataset, gaussian_field, load_imag
 from scoreprior.density import EXACT_MAX_DIM, ScorePrior, bits_per_dim
 from scoreprior.distributed import init_from_env, item_seed, map_sharded
 from scoreprior.importance import importance_draws
-from scoreprior.likelihood import GaussianLikelihood
+from scoreprior.eht import average_visibilities, read_uvfits
+from scoreprior.likelihood import ClosureLikelihood, GaussianLikelihood
 from scoreprior.nets import UNet
-from scoreprior.operators import FourierMask, FourierSubsample, GaussianBlur, Identity, Inpainting, LinearOperator
+from scoreprior.operators import (FourierMask, FourierSubsample, GaussianBlur, Identity, Inpainting, LinearOperator,
+                                  uas_to_rad)
 from scoreprior.posterior import DPI, FitDiverged
 from scoreprior.pretrained import load_score_prior
 from scoreprior.priors import GaussianPrior, reference_posterior
@@ -344,7 +347,7 @@ def _finite_or_none(values: list[float]) -> list[float | None]:
 def _posterior(args: argparse.Namespace) -> int:
     from scoreprior import plots  # optional dependency, needed before the (long) fit, not by other commands
 
-    _parse_operator(args.operator)  # a bad spec fails before anything is loaded
+    _check_posterior_source(args)
     if args.n_samples < 2:
         raise ValueError(f"--n-samples: expected at least 2 draws for a standard deviation, got {args.n_samples}")
     if args.check and not 25 <= args.check <= args.n_samples:
@@ -367,8 +370,13 @@ def _posterior(args: argparse.Namespace) -> int:
             raise ValueError(f"--truth {args.truth}: expected images of shape (N, {', '.join(map(str, image_shape))}) "
                              f"for checkpoint {args.checkpoint}, got {tuple(truth.shape)}")
         _check_range(truth, prior, f"--truth {args.truth}")
-    operator = _build_operator(args.operator, image_shape, generator)
-    likelihood = _measurement(args, operator, image_shape, truth, generator)
+    if args.uvfits is not None:
+        likelihood = _closure_likelihood(args, image_shape)
+        operator, what = likelihood.operator, f"{likelihood!r}"
+    else:
+        operator = _build_operator(args.operator, image_shape, generator)
+        likelihood = _measurement(args, operator, image_shape, truth, generator)
+        what = f"{operator!r}, sigma {args.sigma}"
 
     if args.prior == "exact":
         log_prior = prior
@@ -379,7 +387,7 @@ def _posterior(args: argparse.Namespace) -> int:
         prior_kwargs = None
     reference = _reference(prior, likelihood, args)
     dpi = DPI(image_shape, n_flows=args.n_flows, seed=args.seed, reference=reference)
-    print(f"fitting a DPI posterior ({args.n_flows} flow steps) for {operator!r}, sigma {args.sigma}, "
+    print(f"fitting a DPI posterior ({args.n_flows} flow steps) for {what}, "
           f"{args.prior} prior from {args.checkpoint}, {args.steps} steps of {args.batch_size} draws")
     start = time.perf_counter()
     history = dpi.fit(log_prior, likelihood, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
@@ -390,15 +398,20 @@ def _posterior(args: argparse.Namespace) -> int:
     with torch.no_grad():
         samples, log_q = dpi.sample(args.n_samples, generator=torch.Generator().manual_seed(args.seed + 1))
     mean, std = samples.mean(0), samples.std(0)
-    y = likelihood.y
-    if isinstance(operator, Identity):
-        measurement_image, label = y[0], "y"
+    arrays = dict(samples=samples.numpy(), log_q=log_q.numpy(), mean=mean.numpy(), std=std.numpy())
+    if isinstance(likelihood, ClosureLikelihood):
+        measurement_image, label = None, ""
+        chi2 = {key: value.numpy() for key, value in likelihood.reduced_chi2(samples.double()).items()}
+        arrays |= {f"reduced_chi2_{key}": value for key, value in chi2.items()}
+        print("reduced χ² of the draws (median, 5-95 %): " + "; ".join(
+            f"{key.replace('_', ' ')} {np.median(v):.2f} ({np.quantile(v, 0.05):.2f}-{np.quantile(v, 0.95):.2f})"
+            for key, v in chi2.items()))
     else:
-        measurement_image, label = operator.A_adjoint(y)[0], "A^H y"
+        y = likelihood.y
+        measurement_image, label = (y[0], "y") if isinstance(operator, Identity) else (operator.A_adjoint(y)[0], "A^H y")
+        arrays |= dict(y=y[0].numpy(), operator=np.array(args.operator), sigma=np.array(args.sigma))
 
     out.mkdir(parents=True, exist_ok=True)
-    arrays = dict(samples=samples.numpy(), log_q=log_q.numpy(), mean=mean.numpy(), std=std.numpy(),
-                  y=y[0].numpy(), operator=np.array(args.operator), sigma=np.array(args.sigma))
     if truth is not None:
         arrays["truth"] = truth[0].numpy()
     np.savez(out / "samples.npz", **arrays)
@@ -426,8 +439,49 @@ def _posterior(args: argparse.Namespace) -> int:
     return 0
 
 
-def _reference(prior: ScorePrior, likelihood: GaussianLikelihood, args: argparse.Namespace) -> GaussianPrior | None:
-    """The flow's Gaussian reference from --reference-samples unconditional draws of the prior, or None."""
+def _check_posterior_source(args: argparse.Namespace) -> None:
+    """ValueError naming the option when --uvfits, --likelihood, --operator and --sigma do not fit together."""
+    if args.uvfits is not None:
+        if args.likelihood != "closure":
+            raise ValueError("--likelihood: real interferometric data (--uvfits) carry station gains; use "
+                             "--likelihood closure (closure phases and log closure amplitudes)")
+        for option in ("operator", "sigma"):
+            if getattr(args, option) is not None:
+                raise ValueError(f"--{option}: not used with --uvfits (the operator and noise come from the file)")
+        if not (math.isfinite(args.fov_uas) and args.fov_uas > 0):
+            raise ValueError(f"--fov-uas: expected a positive field of view in µas, got {args.fov_uas}")
+        if not (math.isfinite(args.average) and args.average >= 0):
+            raise ValueError(f"--average: expected a window of 0 s or more, got {args.average}")
+        return
+    if args.likelihood == "closure":
+        raise ValueError("--likelihood closure: needs --uvfits (closure quantities of real visibilities)")
+    for option in ("operator", "sigma"):
+        if getattr(args, option) is None:
+            raise ValueError(f"--{option}: required with --data or --truth")
+    _parse_operator(args.operator)  # a bad spec fails before anything is loaded
+
+
+def _closure_likelihood(args: argparse.Namespace, image_shape: tuple[int, ...]) -> ClosureLikelihood:
+    """Closure phases and log closure amplitudes of --uvfits, averaged per --average window, on the prior's grid."""
+    if image_shape[0] != 1 or image_shape[1] != image_shape[2]:
+        raise ValueError(f"--uvfits: needs a prior of square single-channel images, got event shape {image_shape}")
+    path = Path(args.uvfits)
+    if not path.is_file():
+        raise FileNotFoundError(f"--uvfits {path}: no such file")
+    data = read_uvfits(path)
+    scans = average_visibilities(data, args.average) if args.average > 0 else data
+    likelihood = ClosureLikelihood.from_observation(scans, image_shape[-1], uas_to_rad(args.fov_uas))
+    likelihood.validate(image_shape)
+    print(f"{path.name}: {len(data)} records, {len(scans)} rows after averaging over {args.average:g} s, "
+          f"{likelihood.num_measurements} closure quantities; image {image_shape[-1]}² over {args.fov_uas:g} µas")
+    return likelihood
+
+
+def _reference(
+    prior: ScorePrior, likelihood: GaussianLikelihood | ClosureLikelihood, args: argparse.Namespace
+) -> GaussianPrior | None:
+    """The flow's Gaussian reference from --reference-samples unconditional draws of the prior, or None:
+    their Gaussian's exact posterior for a GaussianLikelihood, their Gaussian itself for closures."""
     if not args.reference_samples:
         return None
     start = time.perf_counter()
@@ -437,7 +491,10 @@ def _reference(prior: ScorePrior, likelihood: GaussianLikelihood, args: argparse
     a0 = float(prior.sde.marginal(torch.tensor([prior.t0], dtype=torch.float64))[0])
     # Draws of p_t0 / a0 carry half the smoothing of the density the surrogate bounds; the floor adds the rest.
     smoothing = SurrogatePrior(prior.score, prior.sde, t0=prior.t0).smoothing
-    reference = reference_posterior(draws / a0, likelihood, floor=smoothing / 2)
+    if isinstance(likelihood, GaussianLikelihood):
+        reference = reference_posterior(draws / a0, likelihood, floor=smoothing / 2)
+    else:
+        reference = GaussianPrior.fit(draws / a0, floor=smoothing / 2)
     print(f"Gaussian reference from {args.reference_samples} prior draws ({args.reference_steps} sampler steps) "
           f"in {time.perf_counter() - start:.0f} s")
     return reference
@@ -573,18 +630,29 @@ def _parser() -> argparse.ArgumentParser:
 
     posterior = sub.add_parser("posterior", help="fit a DPI variational posterior p(x | y) under a trained prior",
                                description="Fit a normalizing-flow posterior (Deep Probabilistic Imaging) to a "
-                                           "measurement y = A x + noise under a trained score prior; write "
+                                           "measurement y = A x + noise, or to the closure quantities of real "
+                                           "interferometric data (--uvfits), under a trained score prior; write "
                                            "samples.npz, posterior.png and history.json into --out.",
                                formatter_class=defaults, parents=[common])
     posterior.add_argument("checkpoint", help=PRIOR_HELP)
-    posterior.add_argument("--operator", required=True,
+    posterior.add_argument("--operator",
                            help=f"forward model A, one of {OPERATOR_SPECS} (random masks seeded by --seed; "
-                                "fourier-mask masks are in fft2 order)")
+                                "fourier-mask masks are in fft2 order); required with --data or --truth")
     source = posterior.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help=".npy measurement y, shape A(x) with or without the batch axis of 1; "
                                        "complex for Fourier operators")
     source.add_argument("--truth", help="image file (.npy/.npz); y is simulated from its first image")
-    posterior.add_argument("--sigma", type=float, required=True, help="noise std per measurement, units of y")
+    source.add_argument("--uvfits", help="real interferometric data (Stokes I of a uvfits file; needs astropy), "
+                                         "imaged from its closure quantities (--likelihood closure)")
+    posterior.add_argument("--sigma", type=float, help="noise std per measurement, units of y; required with "
+                                                       "--data or --truth")
+    posterior.add_argument("--likelihood", choices=("gaussian", "closure"), default="gaussian",
+                           help="gaussian: y = A x + noise; closure: closure phases and log closure amplitudes of "
+                                "--uvfits (immune to station gains; full first-order covariance, no flux term)")
+    posterior.add_argument("--fov-uas", type=float, default=160.0, help="with --uvfits: image side in µas")
+    posterior.add_argument("--average", type=float, default=600.0,
+                           help="with --uvfits: coherent averaging window in s, never across a scan gap of more "
+                                "than 60 s (0: every record)")
     posterior.add_argument("--out", required=True, help="output folder")
     posterior.add_argument("--prior", choices=("surrogate", "exact"), default="surrogate",
                            help="log p(x) by the ELBO surrogate (fast) or the probability-flow ODE "

@@ -1,4 +1,5 @@
-"""Radio-interferometric geometry for the Event Horizon Telescope: stations, uv-coverage, thermal noise.
+"""Radio-interferometric geometry for the Event Horizon Telescope: stations, uv-coverage, thermal noise,
+uvfits data and closure quantities.
 
 Frames and units (the conventions of eht-imaging):
 - Stations sit at geocentric Earth-fixed (ITRF) positions r = (X, Y, Z) in metres: X towards longitude 0
@@ -14,17 +15,28 @@ Frames and units (the conventions of eht-imaging):
       w = ( Bx cos dec cos H - By cos dec sin H + Bz sin dec) / lambda  (towards the source)
   (u, v, w) are B in the orthonormal basis (east, north, s), so |(u, v, w)| = |B| / lambda.
 - Elevations use the geocentric station direction: sin(el) = (r / |r|) . s.
+
+Closure quantities (eht-imaging's conventions). A station gain g multiplies V_ab by g_a conj(g_b). The
+closure phase of a triangle, arg(V_ab V_bc V_ca), cancels every phase; the log closure amplitude of a
+quadrangle, log(|V_ab| |V_cd| / (|V_ac| |V_bd|)), every amplitude. Both are formed from the visibilities
+of one time stamp, so average coherently first (`average_visibilities`) when single records have an SNR
+below a few: the first-order noise sigma = sqrt(sum sigma_i^2 / |V_i|^2) (sigma_i per component) holds at
+high SNR only, and log amplitudes are biased at low SNR.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import Tensor
 
 __all__ = [
     "SPEED_OF_LIGHT",
@@ -43,6 +55,13 @@ __all__ = [
     "uv_coverage",
     "UVFitsData",
     "read_uvfits",
+    "average_visibilities",
+    "ClosureQuantities",
+    "ClosurePhases",
+    "LogClosureAmplitudes",
+    "closure_phases",
+    "log_closure_amplitudes",
+    "closure_quantities",
 ]
 
 SPEED_OF_LIGHT = 299_792_458.0
@@ -403,6 +422,11 @@ class UVFitsData:
     def __len__(self) -> int:
         return int(self.time.shape[0])
 
+    @property
+    def uv(self) -> np.ndarray:
+        """(N, 2) stacked (u, v) in wavelengths."""
+        return np.stack([self.u, self.v], axis=-1)
+
 
 _STOKES_RR, _STOKES_LL = -1, -2
 
@@ -490,3 +514,300 @@ def read_uvfits(path: str | Path) -> UVFitsData:
         station_names=names,
         freq=freq,
     )
+
+
+def average_visibilities(data: UVFitsData, seconds: float, *, gap: float = 60.0) -> UVFitsData:
+    """Coherent time average of uvfits visibilities, per baseline, in windows within scans.
+
+    Records are visited in time order; a new window starts when `seconds` have passed since the window's
+    first record or when more than `gap` seconds separate two records (a scan boundary), so with `seconds`
+    longer than a scan the windows are the scans. Each (window, baseline) becomes one row with the
+    inverse-variance weighted mean of vis, u and v, sigma = (sum 1/sigma^2)^(-1/2), and the mean time of
+    all the window's records (one time stamp per window, shared by its baselines, so closures can be formed).
+    Coherent averaging assumes the station phases are stable over a window (calibrated or self-calibrated
+    data); it raises the SNR of each row by about sqrt(records per window), which the first-order noise of
+    closure quantities needs (it is poor below an SNR of about 3).
+    data: from `read_uvfits`; seconds, gap: positive, in seconds.
+    """
+    _check_positive(seconds=seconds, gap=gap)
+    stamps, which = np.unique(data.time, return_inverse=True)
+    stamp_window = np.zeros(len(stamps), dtype=np.int64)
+    start = stamps[0]
+    for k in range(1, len(stamps)):
+        new = (stamps[k] - start) * 3600.0 >= seconds or (stamps[k] - stamps[k - 1]) * 3600.0 > gap
+        stamp_window[k] = stamp_window[k - 1] + new
+        start = stamps[k] if new else start
+    window = stamp_window[which.reshape(-1)]
+    keys = np.stack([window, data.ant1, data.ant2], axis=1)
+    unique, group = np.unique(keys, axis=0, return_inverse=True)
+    group = group.reshape(-1)
+    weight = 1.0 / data.sigma**2
+    total = np.bincount(group, weights=weight)
+
+    def mean(values: np.ndarray) -> np.ndarray:
+        return np.bincount(group, weights=weight * values) / total
+
+    vis = mean(data.vis.real) + 1j * mean(data.vis.imag)
+    # Every baseline of a window gets the window's mean record time, so closures can be formed per window.
+    window_time = np.bincount(window, weights=data.time) / np.bincount(window).clip(min=1)
+    time = window_time[unique[:, 0]]
+    order = np.lexsort((unique[:, 2], unique[:, 1], time))
+    ant1, ant2 = unique[order, 1], unique[order, 2]
+    return UVFitsData(
+        u=mean(data.u)[order], v=mean(data.v)[order], vis=vis[order], sigma=total[order] ** -0.5,
+        time=time[order], mjd=data.mjd, ant1=ant1, ant2=ant2, t1=data.station_names[ant1],
+        t2=data.station_names[ant2], station_names=data.station_names, freq=data.freq,
+    )
+
+
+@dataclass(frozen=True)
+class ClosureQuantities(ABC):
+    """A non-redundant set of closure quantities of one observation, chosen per time stamp.
+
+    value: (K,) observed values; sigma: (K,) their first-order thermal std (eht-imaging's convention,
+    sqrt(sum_i sigma_i^2 / |V_i|^2) over the closure's visibilities, sigma_i the per-component std);
+    time: (K,) the time stamp of each closure; stations: (K, R) station names; rows: (K, R) indices of
+    the visibility rows each closure is made of; signs: (K, R) +1 or -1, how each row enters (see the
+    subclasses); row_variance: (K, R) sigma_i^2 / |V_i|^2 of those rows (the first-order variance of a
+    visibility's phase, and of its log amplitude).
+    """
+
+    value: np.ndarray
+    sigma: np.ndarray
+    time: np.ndarray
+    stations: np.ndarray
+    rows: np.ndarray
+    signs: np.ndarray
+    row_variance: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.value.shape[0])
+
+    @abstractmethod
+    def of(self, vis: Tensor) -> Tensor:
+        """The closure quantities of model visibilities. vis: (..., N) complex, in the observation's row order
+        -> (..., K) real, differentiable."""
+
+    def difference(self, model: Tensor) -> Tensor:
+        """value - model as a torch tensor like `model`: (..., K) -> (..., K)."""
+        return torch.as_tensor(self.value, dtype=model.dtype, device=model.device) - model
+
+    def covariance(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """First-order thermal covariance, block-diagonal by time stamp: [(indices (k,), C (k, k)), ...].
+
+        C_kl = sum over the rows i shared by closures k and l of s_ki s_li sigma_i^2 / |V_i|^2 (closures of
+        one time stamp share baselines, e.g. the reference station's, so they are correlated); the diagonal
+        is sigma^2.
+        """
+        blocks = []
+        for t in np.unique(self.time):
+            index = np.flatnonzero(self.time == t)
+            rows, signs, var = self.rows[index], self.signs[index], self.row_variance[index]
+            used = np.unique(rows)
+            design = np.zeros((len(index), len(used)))
+            variance = np.zeros(len(used))
+            for r in range(rows.shape[1]):
+                column = np.searchsorted(used, rows[:, r])
+                design[np.arange(len(index)), column] = signs[:, r]
+                variance[column] = var[:, r]
+            blocks.append((index, (design * variance) @ design.T))
+        return blocks
+
+
+@dataclass(frozen=True)
+class ClosurePhases(ClosureQuantities):
+    """Closure phases psi = arg(V_ab V_bc V_ca) in radians, in [-pi, pi), of triangles stations = (a, b, c).
+
+    Row k's visibilities enter as V or conj(V): psi = sum_r signs[k, r] arg V[rows[k, r]]
+    (V_ba = conj(V_ab) for a row stored as (b, a)). Immune to station phase errors and image shifts.
+    """
+
+    def of(self, vis: Tensor) -> Tensor:
+        """Closure phases of model visibilities in [-pi, pi). vis: (..., N) complex -> (..., K) radians."""
+        phase = torch.angle(vis[..., torch.as_tensor(self.rows, device=vis.device)])
+        signs = torch.as_tensor(self.signs, dtype=phase.dtype, device=vis.device)
+        return _wrap((phase * signs).sum(-1))
+
+    def difference(self, model: Tensor) -> Tensor:
+        """value - model wrapped to [-pi, pi). model: (..., K) radians -> (..., K)."""
+        return _wrap(super().difference(model))
+
+
+@dataclass(frozen=True)
+class LogClosureAmplitudes(ClosureQuantities):
+    """Log closure amplitudes log(|V_ab| |V_cd| / (|V_ac| |V_bd|)) of quadrangles stations = (a, b, c, d).
+
+    rows = the baselines (ab, cd, ac, bd), signs = (+1, +1, -1, -1). Immune to station amplitude gains
+    and to the image's flux scale.
+    """
+
+    def of(self, vis: Tensor) -> Tensor:
+        """Log closure amplitudes of model visibilities. vis: (..., N) complex -> (..., K)."""
+        log_amplitude = vis[..., torch.as_tensor(self.rows, device=vis.device)].abs().log()
+        return (log_amplitude * torch.as_tensor(self.signs, dtype=log_amplitude.dtype, device=vis.device)).sum(-1)
+
+
+def _wrap(phase: Tensor) -> Tensor:
+    return torch.remainder(phase + math.pi, 2 * math.pi) - math.pi
+
+
+def _as_numpy(value: object, name: str, *, dtype: type | None = None) -> np.ndarray:
+    if isinstance(value, Tensor):
+        value = value.detach().cpu().numpy()
+    array = np.asarray(value) if dtype is None else np.asarray(value, dtype=dtype)
+    if array.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D array with one entry per visibility row, got shape {array.shape}")
+    return array
+
+
+def _closure_rows(time: object, t1: object, t2: object, vis: object, sigma: object) -> tuple[np.ndarray, ...]:
+    """Checked numpy copies of the visibility table: time, t1, t2 (str), vis (complex), sigma (float)."""
+    time = _as_numpy(time, "time", dtype=np.float64)
+    t1, t2 = _as_numpy(t1, "t1").astype(str), _as_numpy(t2, "t2").astype(str)
+    vis = _as_numpy(vis, "vis", dtype=np.complex128)
+    sigma = _as_numpy(sigma, "sigma", dtype=np.float64)
+    for name, array in (("t1", t1), ("t2", t2), ("vis", vis), ("sigma", sigma)):
+        if array.shape != time.shape:
+            raise ValueError(f"{name}: expected shape {time.shape} like time, got {array.shape}")
+    if not np.all(np.isfinite(time)):
+        raise ValueError("time: expected finite values")
+    if not np.all(np.isfinite(vis)) or np.any(vis == 0):
+        raise ValueError("vis: expected finite non-zero visibilities (closure quantities divide by |V|)")
+    if not np.all(np.isfinite(sigma) & (sigma > 0)):
+        raise ValueError("sigma: expected finite positive per-component noise stds")
+    if np.any(t1 == t2):
+        raise ValueError(f"t1, t2: a baseline joins a station to itself at row {int(np.flatnonzero(t1 == t2)[0])}")
+    return time, t1, t2, vis, sigma
+
+
+def _station_order(t1: np.ndarray, t2: np.ndarray, stations: Sequence[str] | None) -> dict[str, int]:
+    """Priority of each station: the given order, or most visibility rows first (ties by name)."""
+    names, counts = np.unique(np.concatenate([t1, t2]), return_counts=True)
+    if stations is None:
+        order = sorted(names.tolist(), key=lambda n: (-int(counts[names.tolist().index(n)]), n))
+    else:
+        order = [str(s) for s in stations]
+        missing = sorted(set(names.tolist()) - set(order))
+        if missing or len(set(order)) != len(order):
+            raise ValueError(f"stations: expected distinct names covering every station of t1 and t2, missing {missing}")
+    return {name: position for position, name in enumerate(order)}
+
+
+class _Independent:
+    """Greedy selection of linearly independent integer vectors (Gram-Schmidt against those kept)."""
+
+    def __init__(self, dim: int) -> None:
+        self.basis = np.zeros((0, dim))
+
+    def add(self, vector: np.ndarray) -> bool:
+        residual = vector - self.basis.T @ (self.basis @ vector)
+        norm = np.linalg.norm(residual)
+        if norm < 1e-8:
+            return False
+        self.basis = np.vstack([self.basis, residual / norm])
+        return True
+
+
+def _candidates(group: tuple[str, ...]) -> list[tuple[tuple[str, ...], list[tuple[str, str]], list[int]]]:
+    """(members, baselines, signs) of the closures of a triangle or quadrangle, stations in priority order."""
+    if len(group) == 3:
+        a, b, c = group
+        return [(group, [(a, b), (b, c), (c, a)], [1, 1, 1])]
+    p, q, r, s = group
+    return [((a, b, c, d), [(a, b), (c, d), (a, c), (b, d)], [1, 1, -1, -1])
+            for a, b, c, d in ((p, q, r, s), (p, q, s, r), (p, r, s, q))]
+
+
+def _closures(
+    time: object, t1: object, t2: object, vis: object, sigma: object, stations: Sequence[str] | None, size: int
+) -> tuple[np.ndarray, ...]:
+    """(vis, time, stations, rows, signs, row_variance) of the triangles (size 3) or quadrangles (4) kept."""
+    time, t1, t2, vis, sigma = _closure_rows(time, t1, t2, vis, sigma)
+    priority = _station_order(t1, t2, stations)
+    kept: dict[str, list] = {"time": [], "stations": [], "rows": [], "signs": []}
+    for t in np.unique(time):
+        index = np.flatnonzero(time == t)
+        where: dict[tuple[str, str], tuple[int, int]] = {}
+        for position, i in enumerate(index):
+            pair = (t1[i], t2[i])
+            if pair in where:
+                raise ValueError(f"t1, t2: baseline {pair[0]}-{pair[1]} appears twice at time {t}; "
+                                 "average duplicate records first")
+            where[pair], where[pair[::-1]] = (position, 1), (position, -1)
+        present = sorted({s for pair in where for s in pair}, key=priority.__getitem__)
+        chosen = _Independent(len(index))
+        for group in itertools.combinations(present, size):
+            for members, pairs, signs in _candidates(group):
+                if not all(pair in where for pair in pairs):
+                    continue
+                rows = [where[pair][0] for pair in pairs]
+                # A phase changes sign with the baseline's orientation; an amplitude does not.
+                signs = [s * where[pair][1] for s, pair in zip(signs, pairs)] if size == 3 else signs
+                vector = np.zeros(len(index))
+                np.add.at(vector, rows, signs)
+                if chosen.add(vector):
+                    kept["time"].append(t)
+                    kept["stations"].append(members)
+                    kept["rows"].append(index[rows])
+                    kept["signs"].append(signs)
+    rows = np.array(kept["rows"], dtype=np.int64).reshape(-1, size)
+    return (vis, np.array(kept["time"], dtype=np.float64), np.array(kept["stations"], dtype=str).reshape(-1, size),
+            rows, np.array(kept["signs"], dtype=np.int64).reshape(-1, size), (sigma[rows] / np.abs(vis[rows])) ** 2)
+
+
+def closure_phases(
+    time: object, t1: object, t2: object, vis: object, sigma: object, *, stations: Sequence[str] | None = None
+) -> ClosurePhases:
+    """Non-redundant closure phases of a visibility table, with first-order thermal noise.
+
+    Selection: per time stamp (rows with equal `time`), with the stations present ordered by priority
+    (`stations`, default: most visibility rows in the whole table first, ties by name), candidates are
+    visited in lexicographic order of that priority and kept when linearly independent of those kept.
+    With all N(N-1)/2 baselines present this is eht-imaging's reference-station set: the (N-1)(N-2)/2
+    triangles through the first (reference) station; with baselines missing, as many independent
+    triangles as the baselines present allow. A baseline stored as (t2, t1)
+    instead of (t1, t2) gives the same closure phases (its row enters conjugated).
+    time: (N,) time stamps (any unit); t1, t2: (N,) station names of each row; vis: (N,) complex, non-zero;
+    sigma: (N,) per-component (real or imaginary part) thermal std, in vis's units. numpy or torch.
+    stations: optional priority order of the station names.
+    Returns a `ClosurePhases`: value in radians in [-pi, pi), sigma = sqrt(sum sigma_i^2 / |V_i|^2).
+    """
+    vis, time, names, rows, signs, variance = _closures(time, t1, t2, vis, sigma, stations, 3)
+    value = np.angle(np.prod(np.where(signs > 0, vis[rows], np.conj(vis[rows])), axis=1))
+    value = np.where(value >= np.pi, value - 2 * np.pi, value)
+    return ClosurePhases(value=value, sigma=np.sqrt(variance.sum(1)), time=time, stations=names, rows=rows,
+                         signs=signs, row_variance=variance)
+
+
+def log_closure_amplitudes(
+    time: object, t1: object, t2: object, vis: object, sigma: object, *, stations: Sequence[str] | None = None
+) -> LogClosureAmplitudes:
+    """Non-redundant log closure amplitudes of a visibility table, with first-order thermal noise.
+
+    Selection as `closure_phases` (independence in the space of log amplitudes); with all baselines
+    present, N(N-3)/2 quadrangles. Each 4-station set offers log(|V_ab||V_cd|/(|V_ac||V_bd|)) for
+    (a, b, c, d) = (p, q, r, s), (p, q, s, r), (p, r, s, q), of which two are independent.
+    Arguments as `closure_phases`.
+    Returns a `LogClosureAmplitudes`: value in natural log, sigma = sqrt(sum sigma_i^2 / |V_i|^2).
+    """
+    vis, time, names, rows, signs, variance = _closures(time, t1, t2, vis, sigma, stations, 4)
+    value = (np.log(np.abs(vis[rows])) * signs).sum(1)
+    return LogClosureAmplitudes(value=value, sigma=np.sqrt(variance.sum(1)), time=time, stations=names, rows=rows,
+                                signs=signs, row_variance=variance)
+
+
+def closure_quantities(
+    observation: UVCoverage | UVFitsData, vis: object | None = None, *, stations: Sequence[str] | None = None
+) -> tuple[ClosurePhases, LogClosureAmplitudes]:
+    """Closure phases and log closure amplitudes of a `UVCoverage` (give `vis`) or `UVFitsData` (its vis).
+
+    vis: (N,) complex visibilities in the observation's row order (default: the uvfits data's own), in
+    the units of the observation's sigma (per component; Jy for `uv_coverage`'s thermal noise, so scale
+    sigma with vis if vis is in other units). stations: priority order (see `closure_phases`).
+    """
+    if vis is None:
+        if not isinstance(observation, UVFitsData):
+            raise ValueError("vis: a UVCoverage holds no visibilities; pass vis of shape (N,) = (len(observation),)")
+        vis = observation.vis
+    columns = (observation.time, observation.t1, observation.t2, vis, observation.sigma)
+    return (closure_phases(*columns, stations=stations), log_closure_amplitudes(*columns, stations=stations))

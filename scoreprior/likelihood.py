@@ -12,6 +12,10 @@ Conventions:
   Here r = y - A x and M counts measurements (complex entries count once).
 - The noise covariance is a `NoiseCovariance` over one measurement: `DiagonalCovariance` for a scalar or
   per-measurement std, `FourierDiagonalCovariance` for stationary noise on image-shaped measurements.
+- `ClosureLikelihood` is not of this family: its data are closure phases and log closure amplitudes
+  (`scoreprior.eht`), non-linear in x through the visibilities of an `Interferometer`, and immune to
+  station gains. It has the same `log_prob(x) -> (B,)` and `validate` as `GaussianLikelihood`, so DPI,
+  `check_posterior` and `dps` take it; samplers that need a linear A (score_ald, sde_projection) do not.
 """
 
 from __future__ import annotations
@@ -20,12 +24,22 @@ import math
 from abc import ABC, abstractmethod
 from numbers import Real
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from scoreprior.operators import LinearOperator, _format_shape, _positive_float
+from scoreprior.eht import (
+    ClosurePhases,
+    ClosureQuantities,
+    LogClosureAmplitudes,
+    UVCoverage,
+    UVFitsData,
+    closure_quantities,
+)
+from scoreprior.operators import Interferometer, LinearOperator, _format_shape, _positive_float
 
-__all__ = ["DiagonalCovariance", "FourierDiagonalCovariance", "GaussianLikelihood", "NoiseCovariance"]
+__all__ = ["ClosureLikelihood", "DiagonalCovariance", "FourierDiagonalCovariance", "GaussianLikelihood",
+           "NoiseCovariance"]
 
 
 def _check_positive_tensor(t: object, name: str) -> Tensor:
@@ -287,3 +301,173 @@ class GaussianLikelihood:
 
     def __repr__(self) -> str:
         return f"GaussianLikelihood({self.operator!r}, y of shape {tuple(self.y.shape)}, noise={self.noise!r})"
+
+
+class _BlockWhitener:
+    """Whitening by the Cholesky factors of a block-diagonal covariance, blocks padded to one size.
+
+    blocks: [(indices (k,), C (k, k)), ...] covering 0..K-1 once. whiten(e): (B, K) -> (B, T * k_max), the
+    padded entries 0, so ||whiten(e)||^2 = e^T C^{-1} e.
+    """
+
+    def __init__(self, blocks: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        size = max(len(index) for index, _ in blocks)
+        self.index = torch.zeros((len(blocks), size), dtype=torch.long)
+        self.inverse = torch.zeros((len(blocks), size, size), dtype=torch.float64)
+        log_det = 0.0
+        for b, (index, cov) in enumerate(blocks):
+            factor = torch.linalg.cholesky(torch.as_tensor(cov, dtype=torch.float64))
+            k = len(index)
+            self.index[b, :k] = torch.as_tensor(index)
+            self.inverse[b, :k, :k] = torch.linalg.inv(factor)
+            log_det += 2 * float(factor.diagonal().log().sum())
+        self.log_det = log_det
+
+    def whiten(self, e: Tensor) -> Tensor:
+        inverse = self.inverse.to(device=e.device, dtype=e.dtype)
+        return torch.einsum("tij,btj->bti", inverse, e[:, self.index.to(e.device)]).flatten(1)
+
+
+class ClosureLikelihood:
+    """p(closure phases, log closure amplitudes | x) through the visibilities of an `Interferometer`.
+
+    With V = operator.A(x) (model visibilities in the rows of the observation the closures come from):
+        log p = w_cp log N_cp + w_lca log N_lca [+ log N(sum x; flux, flux_sigma^2)]
+    - closure phases: e = 2 sin(Δψ / 2), Δψ = ψ_obs - ψ(V) wrapped to [-π, π), so that with independent
+      closures e_k^2 / σ_k^2 = 2 (1 - cos Δψ_k) / σ_k^2 (eht-imaging's phase misfit, small-angle limit
+      Δψ^2 / σ^2); log N_cp = -1/2 e^T C^{-1} e - 1/2 log|C| - K/2 log 2π, Gaussian at high SNR;
+    - log closure amplitudes: e = log CA_obs - log CA(V), the same Gaussian form.
+    C is the closures' first-order thermal covariance: `covariance="full"` uses its blocks (closures of one
+    time stamp share baselines and are correlated; `ClosureQuantities.covariance`), `"diagonal"` only
+    σ^2, as eht-imaging and the score-prior reference code do. Closure quantities fix neither the image's
+    flux scale nor its position; the optional Gaussian total-flux term fixes the scale (the prior, the
+    position).
+
+    operator: an `Interferometer` (or any operator whose A gives (B, N) complex visibilities) on the
+        observation's (u, v) in its row order. phases, log_amplitudes: from `scoreprior.eht.closure_phases`
+        / `log_closure_amplitudes` (or `closure_quantities`) of that observation; at least one.
+    weights: (w_cp, w_lca), positive; (1, 1) is the likelihood of the model, the reference code's DPI
+        uses (0.5, 0.5), which tempers it (broader posteriors).
+    flux: optional (value, sigma) of the image's total flux sum(x), in image units.
+    covariance: "full" or "diagonal".
+    """
+
+    def __init__(
+        self,
+        operator: LinearOperator,
+        phases: ClosurePhases | None = None,
+        log_amplitudes: LogClosureAmplitudes | None = None,
+        *,
+        weights: tuple[float, float] = (1.0, 1.0),
+        flux: tuple[float, float] | None = None,
+        covariance: str = "full",
+    ) -> None:
+        if phases is None and log_amplitudes is None:
+            raise ValueError("phases, log_amplitudes: expected at least one set of closure quantities, got none")
+        for name, value, kind in (("phases", phases, ClosurePhases), ("log_amplitudes", log_amplitudes,
+                                                                      LogClosureAmplitudes)):
+            if value is not None and not isinstance(value, kind):
+                raise TypeError(f"{name}: expected a scoreprior.eht.{kind.__name__}, got {type(value).__name__}")
+            if value is not None and len(value) == 0:
+                raise ValueError(f"{name}: expected at least one closure, got none (fewer than 3 or 4 stations "
+                                 "at every time stamp?)")
+        if covariance not in ("full", "diagonal"):
+            raise ValueError(f"covariance: expected 'full' or 'diagonal', got {covariance!r}")
+        if len(weights) != 2:
+            raise ValueError(f"weights: expected (w_cp, w_lca), got {weights!r}")
+        self.weights = (_positive_float(weights[0], "weights[0]"), _positive_float(weights[1], "weights[1]"))
+        if flux is not None:
+            if len(flux) != 2 or not math.isfinite(float(flux[0])):
+                raise ValueError(f"flux: expected (value, sigma) with a finite value, got {flux!r}")
+            flux = (float(flux[0]), _positive_float(flux[1], "flux[1]"))
+        self.operator, self.flux, self.covariance = operator, flux, covariance
+        self.terms = [(c, w, self._whitener(c)) for c, w in zip((phases, log_amplitudes), self.weights)
+                      if c is not None]
+
+    @classmethod
+    def from_observation(
+        cls, observation: UVCoverage | UVFitsData, npix: int, fov: float, *, vis: object | None = None, **options
+    ) -> ClosureLikelihood:
+        """Closure phases and log closure amplitudes of an observation, imaged on npix x npix over `fov`.
+
+        observation: a `UVFitsData` (its own vis) or a `UVCoverage` with `vis` (N,) complex in the units of
+        its sigma (see `scoreprior.eht.closure_quantities`); fov: image side in radians. options: those of
+        the constructor (weights, flux, covariance).
+        """
+        phases, log_amplitudes = closure_quantities(observation, vis)
+        return cls(Interferometer(observation.uv, npix, fov), phases, log_amplitudes, **options)
+
+    def _whitener(self, closures: ClosureQuantities) -> _BlockWhitener:
+        if self.covariance == "full":
+            return _BlockWhitener(closures.covariance())
+        return _BlockWhitener([(np.array([k]), closures.sigma[k : k + 1, None] ** 2) for k in range(len(closures))])
+
+    @property
+    def num_measurements(self) -> int:
+        """The number of closure quantities (plus 1 with a flux term)."""
+        return sum(len(c) for c, _, _ in self.terms) + (self.flux is not None)
+
+    def validate(self, image_shape: tuple[int, ...]) -> None:
+        """Check that A gives (1, N) complex visibilities with N covering the closures' rows (ValueError)."""
+        zero = torch.zeros((1, *image_shape), dtype=torch.float64)
+        vis = self.operator.A(zero)
+        needed = max(int(c.rows.max()) for c, _, _ in self.terms) + 1
+        if vis.ndim != 2 or not vis.is_complex() or vis.shape[1] < needed:
+            raise ValueError(f"operator: expected A(x) of shape (1, N >= {needed}) complex visibilities for images "
+                             f"of shape {tuple(image_shape)} (the closures' rows), got a {_kind(vis)} tensor of "
+                             f"shape {tuple(vis.shape)}")
+
+    def _errors(self, x: Tensor) -> list[tuple[ClosureQuantities, float, _BlockWhitener, Tensor]]:
+        vis = self.operator.A(x)
+        errors = []
+        for closures, weight, whitener in self.terms:
+            difference = closures.difference(closures.of(vis))
+            error = 2 * torch.sin(difference / 2) if isinstance(closures, ClosurePhases) else difference
+            errors.append((closures, weight, whitener, error))
+        return errors
+
+    def _flux_error(self, x: Tensor) -> Tensor:
+        return (x.flatten(1).sum(1) - self.flux[0]) / self.flux[1]
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """log p(closures | x) in nats (Gaussian normalisation), differentiable. x: (B, C, H, W) -> (B,)."""
+        total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        for closures, weight, whitener, error in self._errors(x):
+            energy = whitener.whiten(error).square().sum(1)
+            total = total - weight * 0.5 * (energy + whitener.log_det + len(closures) * math.log(2 * math.pi))
+        if self.flux is not None:
+            total = total - 0.5 * self._flux_error(x).square() - math.log(self.flux[1]) - 0.5 * math.log(2 * math.pi)
+        return total
+
+    def residual(self, x: Tensor) -> Tensor:
+        """The whitened misfit r with ||r||^2 = -2 log p + const: (B, C, H, W) -> (B, M'), dimensionless.
+
+        What `dps` follows for this likelihood (the weights and covariance included).
+        """
+        parts = [math.sqrt(weight) * whitener.whiten(error) for _, weight, whitener, error in self._errors(x)]
+        if self.flux is not None:
+            parts.append(self._flux_error(x)[:, None])
+        return torch.cat(parts, dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The non-linear forward model: closure phases then log closure amplitudes of x. (B, C, H, W) -> (B, K)."""
+        vis = self.operator.A(x)
+        return torch.cat([closures.of(vis) for closures, _, _ in self.terms], dim=1)
+
+    def reduced_chi2(self, x: Tensor) -> dict[str, Tensor]:
+        """eht-imaging's reduced χ² of each closure type for each image: {"closure_phase", "log_closure_amplitude"}.
+
+        closure phases: mean of 2 (1 - cos Δψ) / σ^2; log closure amplitudes: mean of (Δ / σ)^2 (independent
+        closures, weights ignored); about 1 for an image that fits at the noise level. x: (B, C, H, W) -> (B,) each.
+        """
+        out = {}
+        for closures, _, _, error in self._errors(x):
+            sigma = torch.as_tensor(closures.sigma, dtype=error.dtype, device=error.device)
+            key = "closure_phase" if isinstance(closures, ClosurePhases) else "log_closure_amplitude"
+            out[key] = (error / sigma).square().mean(1)
+        return out
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{len(c)} {type(c).__name__}" for c, _, _ in self.terms)
+        return (f"ClosureLikelihood({self.operator!r}, {counts}, weights={self.weights}, flux={self.flux}, "
+                f"covariance={self.covariance!r})")

@@ -5,6 +5,9 @@ All samplers take a score model `score(x, t) -> same shape as x` (t: (B,)), an `
 Time runs backwards on a uniform grid t_0 = T > t_1 > ... > t_steps = t0.
 Every sampler checks the state after each step and raises FloatingPointError naming the step, the
 time and the guidance weight when it stops being finite or diverges (see `_Guard`).
+`dps` needs only a differentiable misfit (`likelihood.residual`), so it takes a non-linear
+`ClosureLikelihood`; `score_ald` and `sde_projection` use A, A^H and a Gaussian noise model and take only
+a `GaussianLikelihood` (TypeError otherwise).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from scoreprior.likelihood import GaussianLikelihood
+from scoreprior.likelihood import ClosureLikelihood, GaussianLikelihood
 from scoreprior.sde import SDE, per_sample
 
 __all__ = ["sample_prior", "dps", "score_ald", "sde_projection"]
@@ -32,8 +35,14 @@ def _check_options(n: int, steps: int, t0: float, sde: SDE) -> None:
         raise ValueError(f"t0: expected 0 < t0 < T = {sde.T}, got {t0!r}")
 
 
-def _check_likelihood(likelihood: object, event_shape: tuple[int, ...]) -> None:
-    """ValueError naming event_shape when the likelihood's y does not match A on images of that shape."""
+def _check_likelihood(likelihood: object, event_shape: tuple[int, ...], *, linear: str | None = None) -> None:
+    """ValueError naming event_shape when the likelihood's y does not match A on images of that shape.
+
+    linear: the sampler's name when it needs a linear-Gaussian likelihood (TypeError for any other).
+    """
+    if linear is not None and not isinstance(likelihood, GaussianLikelihood):
+        raise TypeError(f"likelihood: {linear} needs a linear operator and Gaussian noise (a GaussianLikelihood), "
+                        f"got {type(likelihood).__name__}; use dps or DPI for non-linear data such as closures")
     if not isinstance(event_shape, (tuple, list, torch.Size)) or not all(isinstance(s, int) and s > 0
                                                                       for s in event_shape):
         raise ValueError(f"event_shape: expected a tuple of positive ints like (1, 32, 32), got {event_shape!r}")
@@ -131,7 +140,7 @@ def sample_prior(
 def dps(
     score: ScoreFn,
     sde: SDE,
-    likelihood: GaussianLikelihood,
+    likelihood: GaussianLikelihood | ClosureLikelihood,
     n: int,
     event_shape: tuple[int, ...],
     *,
@@ -151,10 +160,11 @@ def dps(
     public code: ∇||r|| = ∇||r||^2 / (2||r||), so the step has a built-in 1/||r|| scaling and ζ is
     dimensionless (the paper's ζ_i = ζ / ||r||); σ_y enters only through y. The norm is taken per sample
     (the public code's batch-wide norm equals it for batch size 1). The noise model of `likelihood` is
-    not used; for complex y the norm is over |r|.
+    not used; for complex y the norm is over |r|. A `ClosureLikelihood` has no linear A: its `residual`
+    is the noise-whitened misfit of the closure quantities, so there the norm is sqrt(-2 log p + const).
 
     score: score(x, t), x: (B, *event_shape), t: (B,). likelihood: y = A x + b with A acting on
-    (B, *event_shape) images. zeta: guidance weight, ≥ 0 (public code: 0.3–1.0).
+    (B, *event_shape) images, or any object with `residual(x) -> (B, M)` (e.g. `ClosureLikelihood`). zeta: guidance weight, ≥ 0 (public code: 0.3–1.0).
     Returns (n, *event_shape) approximate posterior samples of x_t0.
     """
     _check_options(n, steps, t0, sde)
@@ -227,7 +237,7 @@ def score_ald(
     Returns (n, *event_shape) approximate posterior samples of x_t_L.
     """
     _check_options(n, n_levels, t0, sde)
-    _check_likelihood(likelihood, event_shape)
+    _check_likelihood(likelihood, event_shape, linear="score_ald")
     if not isinstance(steps_per_level, int) or steps_per_level < 1:
         raise ValueError(f"steps_per_level: expected a positive int, got {steps_per_level!r}")
     if not lr > 0:
@@ -327,7 +337,7 @@ def sde_projection(
     Returns (n, *event_shape) approximate posterior samples of x_t0.
     """
     _check_options(n, steps, t0, sde)
-    _check_likelihood(likelihood, event_shape)
+    _check_likelihood(likelihood, event_shape, linear="sde_projection")
     if not 0 <= lam <= 1:
         raise ValueError(f"lam: expected a number in [0, 1], got {lam!r}")
     if not snr >= 0:

@@ -99,11 +99,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     args.subsets = (3, 7) if args.quick else tuple(SUBSETS)
     args.prior_steps = 50 if args.quick else 300
-    if args.uvfits is None:
-        shared = os.environ.get("SCOREPRIOR_SHARED_DATA")
-        root = Path(shared) if shared else Path(__file__).resolve().parents[2] / "shared" / "data"
-        args.uvfits = root / "eht" / UVFITS
+    args.uvfits = args.uvfits or default_uvfits()
     return args
+
+
+def default_uvfits() -> Path:
+    """The EHT 2017 M87 uvfits in $SCOREPRIOR_SHARED_DATA/eht, or in ../shared/data/eht beside the repository."""
+    shared = os.environ.get("SCOREPRIOR_SHARED_DATA")
+    root = Path(shared) if shared else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return root / "eht" / UVFITS
 
 
 def unresolved_flux(uv: torch.Tensor, vis: torch.Tensor) -> float:

@@ -1,6 +1,8 @@
 import csv
 import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -256,3 +258,38 @@ def test_the_package_sets_a_passive_openmp_wait_policy_unless_the_user_chose_one
     run = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
                          capture_output=True, text=True, timeout=300)
     assert run.stdout.strip() == "ACTIVE"
+
+
+UVFITS = (Path(os.environ.get("SCOREPRIOR_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+          / "eht" / "hops_lo_3601_M87+zbl-dtcal_selfcal.uvfits")
+
+
+def test_posterior_uvfits_options_are_checked_before_any_work(tmp_path, capsys):
+    def refused(args, *words):
+        assert main(["posterior", "blackhole-32", *args, "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert all(word in err for word in words), err
+        assert not (tmp_path / "o").exists()
+
+    refused(["--uvfits", "m87.uvfits"], "--likelihood", "closure", "station gains")
+    refused(["--uvfits", "m87.uvfits", "--likelihood", "closure", "--sigma", "0.1"], "--sigma", "not used")
+    refused(["--uvfits", "m87.uvfits", "--likelihood", "closure", "--average", "-1"], "--average")
+    refused(["--truth", "x.npy", "--operator", "blur:1", "--sigma", "0.1", "--likelihood", "closure"],
+            "--likelihood closure", "--uvfits")
+    refused(["--truth", "x.npy", "--sigma", "0.1"], "--operator", "required")
+    refused(["--uvfits", str(tmp_path / "absent.uvfits"), "--likelihood", "closure"], "absent.uvfits")
+
+
+@pytest.mark.skipif(not UVFITS.exists(), reason="the EHT 2017 M87 uvfits is not available")
+def test_posterior_images_real_closures(tmp_path, capsys):
+    out = tmp_path / "m87"
+    assert main(["posterior", "blackhole-32", "--uvfits", str(UVFITS), "--likelihood", "closure", "--out", str(out),
+                 "--steps", "10", "--batch-size", "4", "--n-flows", "2", "--warmup", "2", "--reference-samples", "16",
+                 "--reference-steps", "10", "--n-samples", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "170 rows after averaging over 600 s, 173 closure quantities" in printed  # 22 scans: 97 + 76
+    assert "reduced χ² of the draws" in printed
+    result = np.load(out / "samples.npz")
+    assert result["samples"].shape == (8, 1, 32, 32) and np.isfinite(result["samples"]).all()
+    assert result["reduced_chi2_closure_phase"].shape == result["reduced_chi2_log_closure_amplitude"].shape == (8,)
+    assert (out / "posterior.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

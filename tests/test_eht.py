@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from scoreprior import eht
 
@@ -285,3 +287,190 @@ def test_read_uvfits_without_astropy_names_the_extra(monkeypatch: pytest.MonkeyP
     monkeypatch.setitem(sys.modules, "astropy.io", None)
     with pytest.raises(ImportError, match=r"scoreprior\[astro\]"):
         eht.read_uvfits("unused.uvfits")
+
+
+# Closure quantities
+
+
+def _random_vis(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (1.0 + rng.random(n)) * np.exp(1j * rng.uniform(-np.pi, np.pi, n))
+
+
+def _wrapped(a: np.ndarray) -> np.ndarray:
+    return np.angle(np.exp(1j * a))
+
+
+def _point_source_vis(cover: eht.UVCoverage, offsets_rad: list[tuple[float, float, float]]) -> np.ndarray:
+    """Visibilities of point sources (flux, l, m): sum f exp(+2πi(u l + v m)) (scoreprior's sign)."""
+    return sum(f * np.exp(2j * np.pi * (cover.u * l + cover.v * m)) for f, l, m in offsets_rad)
+
+
+def test_closure_counts_per_time_stamp(m87: eht.UVCoverage) -> None:
+    vis = _random_vis(len(m87))
+    phases, amplitudes = eht.closure_quantities(m87, vis)
+    for t in np.unique(m87.time):
+        here = m87.time == t
+        n = len(set(m87.t1[here]) | set(m87.t2[here]))
+        assert here.sum() == n * (n - 1) // 2  # every baseline of the visible stations
+        assert (phases.time == t).sum() == (n - 1) * (n - 2) // 2
+        assert (amplitudes.time == t).sum() == max(n * (n - 3) // 2, 0)
+    # eht-imaging's reference-station set when all baselines are present: every triangle holds the reference.
+    first = {t: phases.stations[phases.time == t][0, 0] for t in np.unique(phases.time)}
+    assert all(row[0] == first[t] for row, t in zip(phases.stations, phases.time))
+
+
+def _all_candidate_rank(cover: eht.UVCoverage, t: float, size: int) -> int:
+    """Rank of every triangle (size 3) or quadrangle (size 4) of the baselines at time t, built here directly."""
+    here = np.flatnonzero(cover.time == t)
+    column = {frozenset((cover.t1[i], cover.t2[i])): k for k, i in enumerate(here)}
+    orient = {(cover.t1[i], cover.t2[i]): 1 for i in here} | {(cover.t2[i], cover.t1[i]): -1 for i in here}
+    names = sorted(set(cover.t1[here]) | set(cover.t2[here]))
+    vectors = []
+    for group in itertools.permutations(names, size):
+        if size == 3:
+            pairs = [(group[0], group[1]), (group[1], group[2]), (group[2], group[0])]
+        else:
+            pairs = [(group[0], group[1]), (group[2], group[3]), (group[0], group[2]), (group[1], group[3])]
+        if not all(frozenset(p) in column for p in pairs):
+            continue
+        v = np.zeros(len(here))
+        for k, p in enumerate(pairs):
+            v[column[frozenset(p)]] += orient[p] if size == 3 else (1 if k < 2 else -1)
+        vectors.append(v)
+    return int(np.linalg.matrix_rank(np.array(vectors))) if vectors else 0
+
+
+def test_closures_with_missing_baselines_are_a_maximal_independent_set(m87: eht.UVCoverage) -> None:
+    drop = (m87.t1 == "ALMA") & (m87.t2 == "LMT") | (m87.t1 == "SMT") & (m87.t2 == "PV")
+    cover = eht.UVCoverage(*(getattr(m87, f)[~drop] for f in ("time", "t1", "t2", "u", "v", "w", "sigma")))
+    phases, amplitudes = eht.closure_quantities(cover, _random_vis(len(cover)))
+    for t in np.unique(cover.time)[::7]:
+        assert (phases.time == t).sum() == _all_candidate_rank(cover, t, 3)
+        assert (amplitudes.time == t).sum() == _all_candidate_rank(cover, t, 4)
+
+
+def test_closures_do_not_depend_on_baseline_orientation(m87: eht.UVCoverage) -> None:
+    vis = _random_vis(len(m87))
+    flip = np.random.default_rng(1).random(len(m87)) < 0.5
+    t1, t2 = np.where(flip, m87.t2, m87.t1), np.where(flip, m87.t1, m87.t2)
+    for function in (eht.closure_phases, eht.log_closure_amplitudes):
+        a = function(m87.time, m87.t1, m87.t2, vis, m87.sigma)
+        b = function(m87.time, t1, t2, np.where(flip, np.conj(vis), vis), m87.sigma)
+        np.testing.assert_array_equal(a.stations, b.stations)
+        np.testing.assert_allclose(_wrapped(a.value - b.value), 0, atol=1e-12)
+        np.testing.assert_allclose(a.sigma, b.sigma)
+
+
+def test_closures_are_immune_to_station_gains(m87: eht.UVCoverage) -> None:
+    vis = _random_vis(len(m87))
+    rng = np.random.default_rng(2)
+    gains = {(t, s): rng.uniform(0.8, 1.2) * np.exp(1j * rng.uniform(-np.pi, np.pi))
+             for t in np.unique(m87.time) for s in m87.stations}
+    g1 = np.array([gains[t, s] for t, s in zip(m87.time, m87.t1)])
+    g2 = np.array([gains[t, s] for t, s in zip(m87.time, m87.t2)])
+    corrupted = g1 * np.conj(g2) * vis
+    phases, amplitudes = eht.closure_quantities(m87, vis)
+    phases_g, amplitudes_g = eht.closure_quantities(m87, corrupted)
+    np.testing.assert_allclose(_wrapped(phases.value - phases_g.value), 0, atol=1e-12)
+    np.testing.assert_allclose(amplitudes.value, amplitudes_g.value, atol=1e-12)
+    # The differentiable model evaluation agrees with the table's values.
+    model = phases.of(torch.as_tensor(corrupted))
+    np.testing.assert_allclose(_wrapped(model.numpy() - phases.value), 0, atol=1e-12)
+    np.testing.assert_allclose(amplitudes.of(torch.as_tensor(corrupted)).numpy(), amplitudes.value, atol=1e-12)
+
+
+def test_closure_phases_of_point_sources(m87: eht.UVCoverage) -> None:
+    uas = np.pi / 180 / 3600 / 1e6
+    centred = eht.closure_phases(m87.time, m87.t1, m87.t2, _point_source_vis(m87, [(1.0, 0, 0)]), m87.sigma)
+    shifted = eht.closure_phases(m87.time, m87.t1, m87.t2, _point_source_vis(m87, [(1.0, 23 * uas, -31 * uas)]),
+                                 m87.sigma)
+    np.testing.assert_allclose(centred.value, 0, atol=1e-12)
+    np.testing.assert_allclose(_wrapped(shifted.value), 0, atol=1e-9)
+    # Shift invariance holds for any source; an asymmetric one has non-zero closure phases.
+    pair = [(1.0, 0, 0), (0.5, 20 * uas, 5 * uas)]
+    moved = [(f, l + 11 * uas, m - 7 * uas) for f, l, m in pair]
+    asym = eht.closure_phases(m87.time, m87.t1, m87.t2, _point_source_vis(m87, pair), m87.sigma)
+    asym_moved = eht.closure_phases(m87.time, m87.t1, m87.t2, _point_source_vis(m87, moved), m87.sigma)
+    np.testing.assert_allclose(_wrapped(asym.value - asym_moved.value), 0, atol=1e-9)
+    assert np.abs(asym.value).max() > 0.5
+    # Log closure amplitudes of a point source vanish; they do not change with the flux scale.
+    amplitudes = eht.log_closure_amplitudes(m87.time, m87.t1, m87.t2, _point_source_vis(m87, pair), m87.sigma)
+    scaled = eht.log_closure_amplitudes(m87.time, m87.t1, m87.t2, 3 * _point_source_vis(m87, pair), m87.sigma)
+    np.testing.assert_allclose(amplitudes.value, scaled.value, atol=1e-12)
+    point = eht.log_closure_amplitudes(m87.time, m87.t1, m87.t2, _point_source_vis(m87, [(2.0, 0, 0)]), m87.sigma)
+    np.testing.assert_allclose(point.value, 0, atol=1e-12)
+
+
+def test_closure_noise_matches_monte_carlo(m87: eht.UVCoverage) -> None:
+    """First-order sigma and the covariance blocks against thermal noise at SNR >= 50."""
+    keep = m87.time <= np.unique(m87.time)[40]
+    cover = eht.UVCoverage(*(getattr(m87, f)[keep] for f in ("time", "t1", "t2", "u", "v", "w", "sigma")))
+    vis = _random_vis(len(cover), seed=3)
+    sigma = np.abs(vis) / np.random.default_rng(4).uniform(50, 200, len(cover))
+    phases, amplitudes = eht.closure_quantities(eht.UVCoverage(*(getattr(cover, f) for f in (
+        "time", "t1", "t2", "u", "v", "w")), sigma=sigma), vis)
+    rng = np.random.default_rng(5)
+    draws = 4000
+    noisy = vis + sigma * (rng.standard_normal((draws, len(vis))) + 1j * rng.standard_normal((draws, len(vis))))
+    for closures in (phases, amplitudes):
+        errors = closures.of(torch.as_tensor(noisy)).numpy() - closures.value
+        if closures is phases:
+            errors = _wrapped(errors)
+        np.testing.assert_allclose(errors.std(0), closures.sigma, rtol=0.05)
+        for index, cov in closures.covariance()[:5]:
+            empirical = np.cov(errors[:, index], rowvar=False).reshape(len(index), len(index))
+            scale = np.sqrt(np.outer(np.diag(cov), np.diag(cov)))
+            np.testing.assert_allclose(empirical / scale, cov / scale, atol=0.06)
+        assert any(np.abs(cov - np.diag(np.diag(cov))).max() > 0 for _, cov in closures.covariance())
+
+
+def test_closure_input_errors(m87: eht.UVCoverage) -> None:
+    vis = _random_vis(len(m87))
+    with pytest.raises(ValueError, match="vis: expected shape"):
+        eht.closure_phases(m87.time, m87.t1, m87.t2, vis[:-1], m87.sigma)
+    with pytest.raises(ValueError, match="vis: expected finite non-zero"):
+        eht.log_closure_amplitudes(m87.time, m87.t1, m87.t2, np.where(np.arange(len(vis)) == 3, 0, vis), m87.sigma)
+    with pytest.raises(ValueError, match="sigma: expected finite positive"):
+        eht.closure_phases(m87.time, m87.t1, m87.t2, vis, -m87.sigma)
+    twice = np.r_[m87.time, m87.time[:1]], np.r_[m87.t1, m87.t2[:1]], np.r_[m87.t2, m87.t1[:1]]
+    with pytest.raises(ValueError, match="appears twice"):
+        eht.closure_phases(*twice, np.r_[vis, vis[:1]], np.r_[m87.sigma, m87.sigma[:1]])
+    with pytest.raises(ValueError, match="vis: a UVCoverage holds no visibilities"):
+        eht.closure_quantities(m87)
+    with pytest.raises(ValueError, match="stations: expected distinct names covering"):
+        eht.closure_phases(m87.time, m87.t1, m87.t2, vis, m87.sigma, stations=["ALMA"])
+    with pytest.raises(ValueError, match="time: expected a 1-D array"):
+        eht.closure_phases(m87.time[:, None], m87.t1, m87.t2, vis, m87.sigma)
+
+
+def test_average_visibilities_is_an_inverse_variance_mean() -> None:
+    # Two scans of three 10 s records each on one baseline, then a gap of 5 minutes.
+    seconds = np.array([0, 10, 20, 320, 330, 340.0])
+    sigma = np.array([1.0, 2.0, 2.0, 1.0, 1.0, 1.0])
+    vis = np.array([1 + 1j, 2, 3, 4j, 5j, 6j])
+    data = eht.UVFitsData(u=np.arange(6.0), v=np.zeros(6), vis=vis, sigma=sigma, time=seconds / 3600, mjd=1,
+                          ant1=np.zeros(6, int), ant2=np.ones(6, int), t1=np.array(["A"] * 6),
+                          t2=np.array(["B"] * 6), station_names=np.array(["A", "B"]), freq=1.0)
+    scans = eht.average_visibilities(data, 600.0)
+    w = 1 / sigma[:3] ** 2
+    np.testing.assert_allclose(scans.vis, [(w * vis[:3]).sum() / w.sum(), 5j])
+    np.testing.assert_allclose(scans.sigma, [w.sum() ** -0.5, 3**-0.5])
+    np.testing.assert_allclose(scans.time * 3600, [10, 330])
+    np.testing.assert_allclose(scans.u, [(w * np.arange(3)).sum() / w.sum(), 4])
+    assert len(eht.average_visibilities(data, 15.0)) == 4  # windows [0, 10], [20], [320, 330], [340]
+    with pytest.raises(ValueError, match="seconds"):
+        eht.average_visibilities(data, 0.0)
+
+
+@pytest.mark.skipif(not UVFITS.exists(), reason="the EHT 2017 M87 uvfits is not available")
+def test_real_data_closures_per_scan() -> None:
+    data = eht.read_uvfits(UVFITS)
+    scans = eht.average_visibilities(data, 600.0)
+    assert len(np.unique(scans.time)) == 22  # the 22 scans of April 11 (low band)
+    phases, amplitudes = eht.closure_quantities(scans)
+    for t in np.unique(scans.time):
+        n = len(set(scans.t1[scans.time == t]) | set(scans.t2[scans.time == t]))
+        assert (phases.time == t).sum() == (n - 1) * (n - 2) // 2
+        assert (amplitudes.time == t).sum() == max(n * (n - 3) // 2, 0)
+    assert phases.stations[0, 0] == "AA"  # ALMA, the station with the most records, is the reference

@@ -10,7 +10,13 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal, Normal
 
-from scoreprior.likelihood import DiagonalCovariance, FourierDiagonalCovariance, GaussianLikelihood
+from scoreprior import eht
+from scoreprior.likelihood import (
+    ClosureLikelihood,
+    DiagonalCovariance,
+    FourierDiagonalCovariance,
+    GaussianLikelihood,
+)
 from scoreprior.operators import (
     FourierMask,
     FourierSubsample,
@@ -286,3 +292,115 @@ def test_diagonal_covariance_is_accepted_directly():
     x = _images(SHAPE, 2, 20)
     a = GaussianLikelihood(Identity(), y, DiagonalCovariance(std)).log_prob(x)
     torch.testing.assert_close(a, GaussianLikelihood(Identity(), y, std).log_prob(x))
+
+
+# --- closure quantities ----------------------------------------------------------------------------------
+
+
+def _closure_problem(covariance: str = "full", **options) -> tuple[ClosureLikelihood, eht.UVCoverage, torch.Tensor]:
+    """Three scans of the EHT 2017 M87 coverage (4-7 stations), a 6 x 6 float64 image, noisy closures."""
+    cover = eht.uv_coverage(eht.load_array("EHT2017"), 12.5137, 12.3911, 57854)
+    keep = np.isin(cover.time, np.unique(cover.time)[[20, 30, 60]])
+    cover = eht.UVCoverage(*(getattr(cover, f)[keep] for f in ("time", "t1", "t2", "u", "v", "w", "sigma")))
+    operator = Interferometer(cover.uv, 6, uas_to_rad(120.0))
+    truth = _images((1, 6, 6), 1, 30).abs()
+    clean = operator.A(truth)[0].numpy()
+    sigma = 0.02 * np.abs(clean).mean() * np.ones(len(cover))
+    rng = np.random.default_rng(0)
+    vis = clean + sigma * (rng.standard_normal(len(cover)) + 1j * rng.standard_normal(len(cover)))
+    phases = eht.closure_phases(cover.time, cover.t1, cover.t2, vis, sigma)
+    amplitudes = eht.log_closure_amplitudes(cover.time, cover.t1, cover.t2, vis, sigma)
+    return ClosureLikelihood(operator, phases, amplitudes, covariance=covariance, **options), cover, truth
+
+
+def test_closure_log_prob_matches_dense_gaussian():
+    """Full covariance: N(e; 0, C) with C the dense block-diagonal covariance, e = (2 sin(Δψ/2), Δ log CA)."""
+    lik, cover, truth = _closure_problem("full", weights=(0.7, 1.3))
+    x = torch.cat([truth, _images((1, 6, 6), 1, 31).abs()])
+    expected = torch.zeros(2, dtype=torch.float64)
+    for (closures, weight, _), wrap in zip(lik.terms, (True, False)):
+        cov = np.zeros((len(closures), len(closures)))
+        for index, block in closures.covariance():
+            cov[np.ix_(index, index)] = block
+        for b in range(2):
+            model = eht.closure_phases if wrap else eht.log_closure_amplitudes
+            table = model(cover.time, cover.t1, cover.t2, lik.operator.A(x[b : b + 1])[0].detach().numpy(),
+                          cover.sigma)
+            assert np.array_equal(table.rows, closures.rows)
+            diff = closures.value - table.value
+            e = 2 * np.sin(np.angle(np.exp(1j * diff)) / 2) if wrap else diff
+            dist = MultivariateNormal(torch.zeros(len(e), dtype=torch.float64), torch.as_tensor(cov))
+            expected[b] += weight * dist.log_prob(torch.as_tensor(e))
+    torch.testing.assert_close(lik.log_prob(x), expected)
+
+
+def test_closure_log_prob_diagonal_is_ehtim_misfit_and_chi2():
+    lik, cover, truth = _closure_problem("diagonal")
+    x = _images((1, 6, 6), 1, 32).abs()
+    vis = lik.operator.A(x)[0].detach().numpy()
+    phases = eht.closure_phases(cover.time, cover.t1, cover.t2, vis, cover.sigma)
+    amplitudes = eht.log_closure_amplitudes(cover.time, cover.t1, cover.t2, vis, cover.sigma)
+    cp, lca = (c for c, _, _ in lik.terms)
+    chi_cp = 2 * (1 - np.cos(cp.value - phases.value)) / cp.sigma**2
+    chi_lca = ((lca.value - amplitudes.value) / lca.sigma) ** 2
+    expected = (-0.5 * chi_cp - np.log(cp.sigma) - 0.5 * math.log(2 * math.pi)).sum() + (
+        -0.5 * chi_lca - np.log(lca.sigma) - 0.5 * math.log(2 * math.pi)).sum()
+    torch.testing.assert_close(lik.log_prob(x), torch.tensor([expected], dtype=torch.float64))
+    chi2 = lik.reduced_chi2(x)
+    torch.testing.assert_close(chi2["closure_phase"], torch.tensor([chi_cp.mean()], dtype=torch.float64))
+    torch.testing.assert_close(chi2["log_closure_amplitude"], torch.tensor([chi_lca.mean()], dtype=torch.float64))
+    assert 0.5 < float(lik.reduced_chi2(truth)["closure_phase"]) < 2  # the truth fits at the noise level
+
+
+def test_closure_likelihood_is_immune_to_gains_scale_and_shift():
+    lik, cover, truth = _closure_problem(flux=None)
+    rng = np.random.default_rng(7)
+    gains = {(t, s): rng.uniform(0.8, 1.2) * np.exp(1j * rng.uniform(-np.pi, np.pi))
+             for t in np.unique(cover.time) for s in cover.stations}
+    g1 = np.array([gains[t, s] for t, s in zip(cover.time, cover.t1)])
+    g2 = np.array([gains[t, s] for t, s in zip(cover.time, cover.t2)])
+    cp, lca = (c for c, _, _ in lik.terms)
+    vis = lik.operator.A(truth)[0].numpy() * (1 + 0.1j)
+    columns = cover.time, cover.t1, cover.t2
+    corrupted = ClosureLikelihood(lik.operator, eht.closure_phases(*columns, g1 * np.conj(g2) * vis, cover.sigma *
+                                  np.abs(g1 * g2)), eht.log_closure_amplitudes(*columns, g1 * np.conj(g2) * vis,
+                                  cover.sigma * np.abs(g1 * g2)))
+    plain = ClosureLikelihood(lik.operator, eht.closure_phases(*columns, vis, cover.sigma),
+                              eht.log_closure_amplitudes(*columns, vis, cover.sigma))
+    x = _images((1, 6, 6), 2, 33).abs()
+    torch.testing.assert_close(corrupted.log_prob(x), plain.log_prob(x))
+    # Closures fix neither the flux scale nor (for a one-pixel shift, an exact symmetry here) the position.
+    padded = truth.clone()
+    padded[..., -1] = 0
+    shifted = torch.roll(padded, 1, dims=-1)
+    torch.testing.assert_close(plain.log_prob(3 * padded), plain.log_prob(padded))
+    torch.testing.assert_close(plain.log_prob(shifted), plain.log_prob(padded))
+
+
+def test_closure_gradcheck_and_residual():
+    lik, _, truth = _closure_problem(flux=(3.0, 0.5), weights=(0.5, 2.0))
+    x = (truth + 0.1 * _images((1, 6, 6), 1, 34)).requires_grad_(True)
+    assert torch.autograd.gradcheck(lik.log_prob, (x,))
+    many = _images((1, 6, 6), 3, 35).abs()
+    offset = -0.5 * lik.residual(many).square().sum(1) - lik.log_prob(many)
+    torch.testing.assert_close(offset, offset[:1].expand(3))  # ||r||^2 = -2 log p + a constant
+    assert lik.forward(many).shape == (3, lik.num_measurements - 1)
+
+
+def test_closure_likelihood_errors():
+    lik, cover, _ = _closure_problem()
+    cp, lca = (c for c, _, _ in lik.terms)
+    with pytest.raises(ValueError, match="at least one set"):
+        ClosureLikelihood(lik.operator)
+    with pytest.raises(TypeError, match="phases: expected a scoreprior.eht.ClosurePhases"):
+        ClosureLikelihood(lik.operator, lca)
+    with pytest.raises(ValueError, match="covariance: expected 'full' or 'diagonal'"):
+        ClosureLikelihood(lik.operator, cp, covariance="dense")
+    with pytest.raises(ValueError, match="weights"):
+        ClosureLikelihood(lik.operator, cp, weights=(1.0, -1.0))
+    with pytest.raises(ValueError, match="flux"):
+        ClosureLikelihood(lik.operator, cp, flux=(1.0, 0.0))
+    short = ClosureLikelihood(Interferometer(cover.uv[:5], 6, uas_to_rad(120.0)), cp)
+    with pytest.raises(ValueError, match="operator: expected A\\(x\\) of shape"):
+        short.validate((1, 6, 6))
+    lik.validate((1, 6, 6))

@@ -1,14 +1,17 @@
 import math
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from scoreprior import eht
 from scoreprior.data import gaussian_field
 from scoreprior.density import ScorePrior
-from scoreprior.likelihood import GaussianLikelihood
-from scoreprior.operators import FourierSubsample, GaussianBlur
+from scoreprior.importance import check_posterior
+from scoreprior.likelihood import ClosureLikelihood, GaussianLikelihood
+from scoreprior.operators import FourierSubsample, GaussianBlur, Interferometer, uas_to_rad
 from scoreprior.posterior import DPI
 from scoreprior.priors import GaussianPrior, gaussian_posterior, reference_posterior
 from scoreprior.scores import GaussianScore
@@ -652,3 +655,26 @@ def test_damaged_dpi_checkpoint_is_refused_with_its_name(small_problem, tmp_path
     torch.save(state, tmp_path / "nan.pt")
     with pytest.raises(ValueError, match="nan.pt.*non-finite"):
         _fit(DPI((1, 4, 4), n_flows=1), prior, likelihood, 4, checkpoint=tmp_path / "nan.pt")
+
+
+@pytest.mark.slow
+def test_dpi_fits_a_closure_posterior_that_psis_accepts():
+    """DPI with a non-linear ClosureLikelihood under an exact Gaussian prior on 6 x 6 images, checked by PSIS
+    with the exact (unnormalised) posterior density: k̂ < 0.7 (measured 0.50, ESS 39 of 512; 17 s)."""
+    cover = eht.uv_coverage(eht.load_array("EHT2017"), 12.5137, 12.3911, 57854)
+    keep = np.isin(cover.time, np.unique(cover.time)[[20, 30, 60]])
+    operator = Interferometer(cover.uv[keep], 6, uas_to_rad(120.0))
+    grid = torch.arange(6, dtype=torch.float64) - 2.5
+    mean = torch.exp(-(grid[:, None] ** 2 + grid[None, :] ** 2) / 4).reshape(1, 6, 6)
+    prior = GaussianPrior(mean, 0.01 * torch.eye(36, dtype=torch.float64))
+    vis = operator.A(prior.sample(1, generator=torch.Generator().manual_seed(5)))[0].numpy()
+    sigma = 0.1 * np.abs(vis).mean() * np.ones(len(vis))
+    rng = np.random.default_rng(0)
+    y = vis + sigma * (rng.standard_normal(len(vis)) + 1j * rng.standard_normal(len(vis)))
+    columns = cover.time[keep], cover.t1[keep], cover.t2[keep], y, sigma
+    likelihood = ClosureLikelihood(operator, eht.closure_phases(*columns), eht.log_closure_amplitudes(*columns))
+    dpi = DPI((1, 6, 6), n_flows=4, reference=prior, seed=0).double()
+    dpi.fit(prior, likelihood, steps=1000, batch_size=64, lr=3e-3, warmup=100, progress=False,
+            generator=torch.Generator().manual_seed(1))
+    check = check_posterior(dpi, prior, likelihood, n=512, generator=torch.Generator().manual_seed(2))
+    assert check.khat < 0.7, check.verdict

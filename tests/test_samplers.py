@@ -6,12 +6,14 @@ posterior are known exactly, so sample means can be compared with the truth in s
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import random_spd
-from scoreprior import GaussianLikelihood, GaussianPrior, GaussianScore, VPSDE, gaussian_posterior
-from scoreprior.operators import FourierSubsample, GaussianBlur, Identity, Inpainting
+from scoreprior import GaussianLikelihood, GaussianPrior, GaussianScore, VPSDE, eht, gaussian_posterior
+from scoreprior.likelihood import ClosureLikelihood
+from scoreprior.operators import FourierSubsample, GaussianBlur, Identity, Inpainting, Interferometer, uas_to_rad
 from scoreprior.samplers import _least_squares, dps, sample_prior, score_ald, sde_projection
 
 N = 4000
@@ -251,3 +253,41 @@ def test_event_shape_that_does_not_match_the_likelihood_is_named(sampler):
         sampler(score, SDE_, lik, 4, (1, 3, 2), generator=torch.Generator().manual_seed(0), progress=False)
     with pytest.raises(ValueError, match="event_shape: expected a tuple"):
         sampler(score, SDE_, lik, 4, 6, progress=False)
+
+
+def _closure_problem():
+    """A Gaussian prior on 1 x 6 x 6 images around a blob, closures of one draw seen by three EHT 2017 scans."""
+    cover = eht.uv_coverage(eht.load_array("EHT2017"), 12.5137, 12.3911, 57854)
+    keep = np.isin(cover.time, np.unique(cover.time)[[20, 30, 60]])
+    operator = Interferometer(cover.uv[keep], 6, uas_to_rad(120.0))
+    grid = torch.arange(6, dtype=torch.float64) - 2.5
+    mean = torch.exp(-(grid[:, None] ** 2 + grid[None, :] ** 2) / 4).reshape(1, 6, 6)
+    cov = 0.01 * torch.eye(36, dtype=torch.float64)
+    truth = GaussianPrior(mean, cov).sample(1, generator=torch.Generator().manual_seed(5))
+    vis = operator.A(truth)[0].numpy()
+    sigma = 0.05 * np.abs(vis).mean() * np.ones(len(vis))
+    columns = cover.time[keep], cover.t1[keep], cover.t2[keep], vis, sigma
+    lik = ClosureLikelihood(operator, eht.closure_phases(*columns), eht.log_closure_amplitudes(*columns))
+    return GaussianScore(mean, cov, SDE_), lik
+
+
+def test_dps_follows_a_closure_likelihood():
+    """DPS takes a non-linear likelihood through its whitened residual: its draws fit the closures far
+    better than prior draws from the same seed (measured: χ² 1.0 / 0.8 against 1.75 / 2.0, log p +29 nats;
+    DPS is not exact, see above)."""
+    score, lik = _closure_problem()
+    options = dict(steps=300, generator=torch.Generator().manual_seed(6), dtype=torch.float64, progress=False)
+    guided = dps(score, SDE_, lik, 64, (1, 6, 6), zeta=0.003, **options)
+    options["generator"] = torch.Generator().manual_seed(6)
+    free = sample_prior(score, SDE_, 64, (1, 6, 6), **options)
+    for key, value in lik.reduced_chi2(guided).items():
+        assert value.median() < 0.7 * lik.reduced_chi2(free)[key].median(), key
+    assert lik.log_prob(guided).median() > lik.log_prob(free).median() + 15
+
+
+def test_linear_samplers_refuse_closure_likelihoods():
+    score, lik = _closure_problem()
+    with pytest.raises(TypeError, match="score_ald needs a linear operator"):
+        score_ald(score, SDE_, lik, 2, (1, 6, 6), progress=False)
+    with pytest.raises(TypeError, match="sde_projection needs a linear operator"):
+        sde_projection(score, SDE_, lik, 2, (1, 6, 6), progress=False)

@@ -64,3 +64,28 @@ def test_blackhole_interferometry_quick(tmp_path):
         assert abs(entry["truth_position_angle_deg"] - metrics["truth"]["position_angle_deg"]) < 1.0
     for name in ("stations.png", "stations_metrics.png"):
         assert (tmp_path / name).stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_eht_closures_quick(tmp_path):
+    """Gain robustness (3 DPI fits + DPS) on the demo problem and the real M87 data when present (about 30 s)."""
+    metrics = run_quick("eht_closures.py", tmp_path, ("blackhole-32", "faces-24"))
+    simulated = metrics["simulated"]
+    # The closures of the gain-corrupted data are those of the calibrated data: the truth fits them.
+    assert all(0.5 < value < 2 for value in simulated["truth_reduced_chi2"].values())
+    fits = simulated["fits"]
+    assert len(fits) == 5
+    for fit in fits.values():
+        assert -1 <= fit["nxcorr_mean_truth"] <= 1 and 0 <= fit["pixels_inside_90"] <= 1
+        ring = fit["ring"]["diameter_uas"]
+        assert ring["eti95"][0] <= ring["mean"] <= ring["eti95"][1]
+        assert all(math.isfinite(v["median"]) for v in fit["blurred_psnr_db"].values())
+    # Even unconverged, trusting corrupted gains ruins the image that closures keep.
+    assert fits["DPI (60 steps): visibilities, gain-corrupted"]["nxcorr_mean_truth"] < 0.5
+    assert fits["DPI (60 steps): closures, gain-corrupted"]["nxcorr_mean_truth"] > 0.8
+    if "m87_2017" in metrics:
+        assert metrics["m87_2017"]["time_stamps"] == 22
+        for entry in metrics["m87_2017"]["priors"].values():
+            assert all(math.isfinite(v["median"]) for v in entry["reduced_chi2"].values())
+        assert (tmp_path / "m87_closures.png").stat().st_size > 10_000
+    assert (tmp_path / "gains.png").stat().st_size > 10_000
