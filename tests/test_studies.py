@@ -60,6 +60,16 @@ def test_toy_posterior_2d_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_ws_gaussian_quick(tmp_path):
+    """About 10 s: every λ rule against the exact Gaussian posterior; the exact posterior mean beats the haze."""
+    metrics = run_study("ws_gaussian", tmp_path)
+    assert len(metrics["rows"]) == 2 * 2 * 8
+    for row in metrics["rows"]:
+        assert row["mean_error"]["mean"] >= 0 and row["variance_ratio"]["mean"] > 0
+        assert row["psnr_exact_mean"]["mean"] > metrics["psnr_measurement"]
+
+
+@pytest.mark.slow
 def test_ws_dehaze_quick(tmp_path):
     """About two minutes: both priors trained briefly, every method scored (a smoke test, not a result)."""
     metrics = run_study("ws_dehaze", tmp_path)
