@@ -491,10 +491,7 @@ def _reference(
     a0 = float(prior.sde.marginal(torch.tensor([prior.t0], dtype=torch.float64))[0])
     # Draws of p_t0 / a0 carry half the smoothing of the density the surrogate bounds; the floor adds the rest.
     smoothing = SurrogatePrior(prior.score, prior.sde, t0=prior.t0).smoothing
-    if isinstance(likelihood, GaussianLikelihood):
-        reference = reference_posterior(draws / a0, likelihood, floor=smoothing / 2)
-    else:
-        reference = GaussianPrior.fit(draws / a0, floor=smoothing / 2)
+    reference = reference_posterior(draws / a0, likelihood, floor=smoothing / 2)
     print(f"Gaussian reference from {args.reference_samples} prior draws ({args.reference_steps} sampler steps) "
           f"in {time.perf_counter() - start:.0f} s")
     return reference

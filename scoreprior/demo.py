@@ -36,7 +36,7 @@ from scoreprior.likelihood import ClosureLikelihood, GaussianLikelihood
 from scoreprior.operators import Interferometer, uas_to_rad
 from scoreprior.posterior import DPI
 from scoreprior.pretrained import pretrained
-from scoreprior.priors import GaussianPrior, reference_posterior
+from scoreprior.priors import reference_posterior
 from scoreprior.surrogate import SurrogatePrior
 
 __all__ = ["M87", "DemoConfig", "fit_posterior", "simulate_observation", "run_demo"]
@@ -143,10 +143,7 @@ def fit_posterior(
     elif tuple(images.shape[1:]) != shape:
         raise ValueError(f"images: expected shape (N, {', '.join(map(str, shape))}) like the prior's events, "
                          f"got {tuple(images.shape)}")
-    if isinstance(likelihood, GaussianLikelihood):
-        reference = reference_posterior(images, likelihood, floor=surrogate.smoothing)
-    else:
-        reference = GaussianPrior.fit(images, floor=surrogate.smoothing)
+    reference = reference_posterior(images, likelihood, floor=surrogate.smoothing)
     dpi = DPI(shape, n_flows=config.n_flows, reference=reference, seed=seed)
     history = dpi.fit(surrogate, likelihood, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
                       warmup=max(1, config.steps // 10), progress=progress)

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from scoreprior.operators import _positive_float
+
 __all__ = [
     "IMAGE_DIMS",
     "binomial_band",
@@ -540,8 +542,8 @@ def blurred_psnr(
         (B, K) PSNRs in dB, float64 on x's device.
     """
     x, ref = _check_draws_and_truth(x, ref)
-    fov = _positive_real(fov_uas, "fov_uas")
-    fwhms = [_positive_real(v, f"fwhm_uas[{i}]") for i, v in enumerate(_as_list(fwhm_uas, "fwhm_uas"))]
+    fov = _positive_float(fov_uas, "fov_uas")
+    fwhms = [_positive_float(v, f"fwhm_uas[{i}]") for i, v in enumerate(_as_list(fwhm_uas, "fwhm_uas"))]
     h, w = ref.shape
     if max_shift_px is None:
         limit = min(h, w) / 4
@@ -589,12 +591,6 @@ def _as_list(values: object, name: str) -> list[object]:
     if not items:
         raise ValueError(f"{name}: expected at least one value, got none")
     return items
-
-
-def _positive_real(value: object, name: str) -> float:
-    if not isinstance(value, Real) or isinstance(value, bool) or not 0 < value < math.inf:
-        raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
-    return float(value)
 
 
 def _shift_factors(shift: Tensor, n: int) -> Tensor:

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from scoreprior.likelihood import GaussianLikelihood
+from scoreprior.likelihood import ClosureLikelihood, GaussianLikelihood
 from scoreprior.scores import _check_batch
 
 __all__ = ["GaussianPrior", "gaussian_posterior", "reference_posterior"]
@@ -139,15 +139,21 @@ def gaussian_posterior(prior: GaussianPrior, likelihood: GaussianLikelihood) -> 
     return mean.reshape(prior.event_shape), cov
 
 
-def reference_posterior(images: Tensor, likelihood: GaussianLikelihood, *, floor: float) -> GaussianPrior:
-    """The exact posterior of the Gaussian fitted to a prior's `images`: a reference for DPI.
+def reference_posterior(
+    images: Tensor, likelihood: GaussianLikelihood | ClosureLikelihood, *, floor: float
+) -> GaussianPrior:
+    """The posterior of the Gaussian fitted to a prior's `images`: a reference for DPI.
 
-    N(m, S) = gaussian_posterior(GaussianPrior.fit(images, floor=floor), likelihood), in float64: a cheap
-    Gaussian approximation of the posterior under the prior the images come from, which
-    `scoreprior.posterior.DPI(reference=...)` starts from and corrects.
+    For a linear-Gaussian likelihood, N(m, S) = gaussian_posterior(GaussianPrior.fit(images, floor=floor),
+    likelihood), in float64: a cheap Gaussian approximation of the posterior under the prior the images
+    come from, which `scoreprior.posterior.DPI(reference=...)` starts from and corrects. A non-linear
+    `ClosureLikelihood` has no closed-form posterior: the reference is the fitted Gaussian itself.
     images: (N, *event_shape) draws of the prior (its training images or samples of the score model);
     floor: variance added to every eigenvalue of their covariance (e.g. the smoothing s(t0)^2 / a(t0)^2
     of a score prior at t0). Costs O(d^3) for d pixels (gaussian_posterior).
     """
-    mean, cov = gaussian_posterior(GaussianPrior.fit(images, floor=floor), likelihood)
+    prior = GaussianPrior.fit(images, floor=floor)
+    if isinstance(likelihood, ClosureLikelihood):
+        return prior
+    mean, cov = gaussian_posterior(prior, likelihood)
     return GaussianPrior(mean, cov)

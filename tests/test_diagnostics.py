@@ -428,9 +428,9 @@ def test_blurred_psnr_names_bad_arguments():
         (dict(ref=ref.expand(2, 32, 32)), r"ref: expected .* got \(2, 32, 32\)"),
         (dict(ref=torch.zeros(32, 32)), "ref: expected a positive total flux"),
         (dict(x=torch.cat([x, -x])), r"x: expected every draw to have a positive total flux, .* draws \[1\]"),
-        (dict(fov_uas=0.0), "fov_uas: expected a finite number > 0, got 0.0"),
+        (dict(fov_uas=0.0), "fov_uas: expected a finite positive number, got 0.0"),
         (dict(fov_uas=-160.0), "fov_uas"),
-        (dict(fwhm_uas=(10.0, 0.0)), r"fwhm_uas\[1\]: expected a finite number > 0, got 0.0"),
+        (dict(fwhm_uas=(10.0, 0.0)), r"fwhm_uas\[1\]: expected a finite positive number, got 0.0"),
         (dict(fwhm_uas=()), "fwhm_uas: expected at least one value"),
         (dict(max_shift_px=-1.0), "max_shift_px: expected a finite number of pixels >= 0 or None, got -1.0"),
     ]
