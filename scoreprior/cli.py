@@ -406,6 +406,10 @@ def _posterior(args: argparse.Namespace) -> int:
         print("reduced χ² of the draws (median, 5-95 %): " + "; ".join(
             f"{key.replace('_', ' ')} {np.median(v):.2f} ({np.quantile(v, 0.05):.2f}-{np.quantile(v, 0.95):.2f})"
             for key, v in chi2.items()))
+        if not args.check:
+            print("warning: closures leave the flux scale to the prior, and closure-only DPI posteriors were "
+                  "over-confident in studies/eht_closures.py (exact-density k̂ 2-7); weigh the draws with "
+                  "--check N before trusting their spread")
     else:
         y = likelihood.y
         measurement_image, label = (y[0], "y") if isinstance(operator, Identity) else (operator.A_adjoint(y)[0], "A^H y")

@@ -289,6 +289,7 @@ def test_posterior_images_real_closures(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "170 rows after averaging over 600 s, 173 closure quantities" in printed  # 22 scans: 97 + 76
     assert "reduced χ² of the draws" in printed
+    assert "over-confident" in printed and "--check N" in printed  # no verdict asked for: say what is at stake
     result = np.load(out / "samples.npz")
     assert result["samples"].shape == (8, 1, 32, 32) and np.isfinite(result["samples"]).all()
     assert result["reduced_chi2_closure_phase"].shape == result["reduced_chi2_log_closure_amplitude"].shape == (8,)
