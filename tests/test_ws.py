@@ -7,12 +7,13 @@ import torch
 
 from scoreprior.likelihood import FourierDiagonalCovariance, GaussianLikelihood
 from scoreprior.nets import UNet
-from scoreprior.operators import GaussianBlur, Identity
+from scoreprior.operators import GaussianBlur, Identity, Inpainting
 from scoreprior.sde import VPSDE, sde_from_config
 from scoreprior.training import NoisePredictionScore, TrainConfig, dsm_loss, train_score_model
+from scoreprior.ws import _CovarianceStep, _time_grid  # private pieces checked against dense algebra / formulas
 from scoreprior.ws import (
     GaussianWhitenedScore, Haze, WhitenedScore, WidthConditionedNet, WSProcess, build_ws_net, choose_lambda,
-    gaussian_spectrum, load_ws_model, mix_white, power_law_spectrum, spectrum_from_recipe,
+    gaussian_spectrum, load_ws_model, mix_white, power_law_spectrum, power_spectrum, spectrum_from_recipe,
     sweep_lambda, ws_loss, ws_sample,
 )
 
@@ -249,6 +250,102 @@ def test_dehazing_posterior_mean_with_the_exact_lambda_schedule():
     assert abs(float((power_per_frequency(x, post_mean[0]) / (v0 * process.spectrum**2)).mean()) - 1) < 0.1
 
 
+def exact_posterior(mean, cov, lik):
+    """Dense posterior (mean (D,), covariance (D, D)) of the prior N(mean, cov) and a linear-Gaussian likelihood."""
+    a = dense(lik.operator.A)
+    root = dense(lik.noise.color)
+    noise_inv = torch.linalg.inv(root @ root.T)
+    cov_post = torch.linalg.inv(torch.linalg.inv(cov) + a.T @ noise_inv @ a)
+    return cov_post @ (torch.linalg.solve(cov, mean.flatten()) + a.T @ noise_inv @ lik.y.flatten()), cov_post
+
+
+@pytest.mark.parametrize("operator, noise", [(GaussianBlur(1.0), "haze"), (Identity(), "white")])
+def test_covariance_data_step_is_the_exact_posterior_whitened_score(operator, noise):
+    """For a Gaussian prior, n + n_y must equal beta K K^T grad log p(x_t | y), x_t | y ~ N(a mu_post,
+    a^2 Sigma_post + s^2 K K^T), computed with dense matrices: blur with haze of another spectrum (10 % white,
+    so the dense inverse is well conditioned), and the identity with white noise of one std."""
+    process = process_8x8()
+    mean, c, cov = circulant_gaussian()
+    model = GaussianWhitenedScore(mean, c, process)
+    truth = mean[None] + FourierDiagonalCovariance(c[None]).color(torch.randn(1, 1, *SIZE, generator=gen(40),
+                                                                                dtype=F64))
+    if noise == "haze":
+        lik = Haze(mix_white(gaussian_spectrum(SIZE, 1.5), 0.1), 0.1, operator).likelihood(
+            Haze(mix_white(gaussian_spectrum(SIZE, 1.5), 0.1), 0.1, operator).sample(truth, generator=gen(41)))
+    else:
+        lik = GaussianLikelihood(operator, truth + 0.05 * torch.randn(1, 1, *SIZE, generator=gen(41), dtype=F64), 0.05)
+    step = _CovarianceStep(lik, process, c, (1, *SIZE))
+    mu_post, cov_post = exact_posterior(mean, cov, lik)
+    kk = dense(process.apply_KKt)
+    for t in (0.01, 0.3, 0.9):
+        tb = torch.tensor([t], dtype=F64)
+        a, s = (float(v) for v in process.marginal(tb))
+        x = a * truth + s * process.noise((1, 1, *SIZE), generator=gen(42), dtype=F64)
+        n = model(x, tb)
+        want = -float(process.beta(tb)) * kk @ torch.linalg.solve(a * a * cov_post + s * s * kk, x.flatten() - a * mu_post)
+        assert torch.allclose((n + step(x, tb, n)).flatten(), want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("method, steps", [("sde", 1000), ("ancestral", 25)])
+def test_covariance_data_step_samples_the_exact_posterior(method, steps):
+    """With the exact score and the covariance data step (λ = 1), 2000 draws of the 8x8 deblurring + dehazing
+    posterior, by the default 1000 reverse-SDE steps and by 25 ancestral steps (exact at any step count for a
+    Gaussian prior): mean within 2 % of the exact posterior mean's shift from the prior mean (measured 1.03 % /
+    0.97 %, the Monte Carlo error alone 1.02 %), per-pixel variances within 5 % on average (measured 1.019 /
+    1.007; the reverse SDE at 25 steps: 6.8)."""
+    process = process_8x8()
+    mean, c, cov = circulant_gaussian()
+    haze = Haze(mix_white(gaussian_spectrum(SIZE, 1.5), 0.1), 0.05, GaussianBlur(0.7))
+    truth = mean[None] + FourierDiagonalCovariance(c[None]).color(torch.randn(1, 1, *SIZE, generator=gen(43),
+                                                                                dtype=F64))
+    lik = haze.likelihood(haze.sample(truth, generator=gen(44)))
+    mu_post, cov_post = exact_posterior(mean, cov, lik)
+    x = ws_sample(GaussianWhitenedScore(mean, c, process), process, 2000, (1, *SIZE), likelihood=lik,
+                  residual="covariance", prior_spectrum=c, method=method, steps=steps, generator=gen(45), dtype=F64,
+                  progress=False)
+    err = (x.mean(0).flatten() - mu_post).norm() / (mu_post - mean.flatten()).norm()
+    assert err < 0.02
+    ratio = x.flatten(1).var(0) / cov_post.diagonal()
+    assert abs(float(ratio.mean()) - 1) < 0.05
+
+
+def test_ancestral_sampler_is_exact_for_a_gaussian_prior_at_few_steps():
+    """Unconditional draws with the exact score and the prior's spectrum: 10 ancestral steps reproduce the power
+    per frequency (mean |error| measured 2.0 %, about the Monte Carlo floor of 2000 draws), where 25 Euler steps
+    of the reverse SDE are off by 92 %."""
+    process = process_8x8()
+    mean, c, _ = circulant_gaussian()
+    x = ws_sample(GaussianWhitenedScore(mean, c, process), process, 2000, (1, *SIZE), prior_spectrum=c,
+                  method="ancestral", steps=10, generator=gen(47), dtype=F64, progress=False)
+    assert float((power_per_frequency(x, mean) / c - 1).abs().mean()) < 0.05
+    assert abs(float(x.mean()) - 0.5) < 4 * float(torch.sqrt(c.sum() / D / 2000))
+
+
+def test_time_grids():
+    """Every grid runs from T to t0, decreasing; "log_snr" is equally spaced in log(s / a), "edm" in (s / a)^(1/7)."""
+    process = process_8x8()
+    for kind in ("uniform", "log_snr", "edm"):
+        ts = _time_grid(process, 50, 1e-3, kind)
+        assert ts.shape == (51,) and float(ts[0]) == 1.0 and math.isclose(float(ts[-1]), 1e-3)
+        assert bool((ts[1:] < ts[:-1]).all())
+    a, s = process.marginal(_time_grid(process, 50, 1e-3, "log_snr"))
+    assert torch.allclose(torch.diff(torch.log(s / a)), torch.diff(torch.log(s / a))[0].expand(50), rtol=1e-6)
+    a, s = process.marginal(_time_grid(process, 50, 1e-3, "edm"))
+    root = (s / a) ** (1 / 7)
+    assert torch.allclose(torch.diff(root), torch.diff(root)[0].expand(50), rtol=1e-6)
+    with pytest.raises(ValueError, match="time_grid"):
+        _time_grid(process, 50, 1e-3, "cosine")
+
+
+def test_power_spectrum_of_circulant_gaussian_draws():
+    """power_spectrum of 8000 draws of N(0.5, F^H diag(c) F) recovers c (Monte Carlo ~1.6 % per frequency)."""
+    mean, c, _ = circulant_gaussian()
+    x = mean + FourierDiagonalCovariance(c[None]).color(torch.randn(8000, 1, *SIZE, generator=gen(46), dtype=F64))
+    assert ((power_spectrum(x) / c - 1).abs().max()) < 0.1
+    with pytest.raises(ValueError, match="images"):
+        power_spectrum(x[:1])
+
+
 def test_data_step_is_normalised_per_sample():
     """With the Jalal normalisation per sample, a batch evolves exactly like its samples run one by one."""
     process = process_8x8()
@@ -341,7 +438,7 @@ def test_validation():
         ws_loss(lambda x, t: x, process, torch.zeros(2, 1, 4, 4))
     with pytest.raises(ValueError, match="event_shape"):
         ws_sample(model, process, 2, (1, 4, 4), progress=False)
-    with pytest.raises(ValueError, match="steps"):
+    with pytest.raises(ValueError, match="steps.*'ancestral' takes any number"):
         ws_sample(model, process, 2, (1, *SIZE), steps=10, progress=False)
     with pytest.raises(ValueError, match="lam"):
         ws_sample(model, process, 2, (1, *SIZE), lam="best", progress=False)
@@ -349,12 +446,34 @@ def test_validation():
         ws_sample(model, process, 2, (1, *SIZE), lam="auto", progress=False)
     with pytest.raises(ValueError, match="lam"):
         ws_sample(model, process, 2, (1, *SIZE), lam=-1.0, progress=False)
-    with pytest.raises(ValueError, match="method"):
+    with pytest.raises(ValueError, match="method: expected 'ode', 'sde' or 'ancestral'"):
         ws_sample(model, process, 2, (1, *SIZE), method="heun", progress=False)
     with pytest.raises(ValueError, match="x_init"):
         ws_sample(model, process, 2, (1, *SIZE), x_init=torch.zeros(3, 1, *SIZE), progress=False)
     with pytest.raises(ValueError, match="y: expected shape"):
         Haze(process.spectrum, 0.1).likelihood(torch.zeros(8, 8))
+    lik = Haze(process.spectrum, 0.1).likelihood(torch.zeros(1, 1, *SIZE, dtype=F64))
+    c = circulant_gaussian()[1]
+    cov_opts = dict(residual="covariance", steps=40, progress=False, dtype=F64)
+    with pytest.raises(ValueError, match="prior_spectrum: residual='covariance' and method='ancestral' need it"):
+        ws_sample(model, process, 2, (1, *SIZE), likelihood=lik, **cov_opts)
+    with pytest.raises(ValueError, match="prior_spectrum: residual='covariance' and method='ancestral' need it"):
+        ws_sample(model, process, 2, (1, *SIZE), method="ancestral", steps=40, progress=False)
+    with pytest.raises(ValueError, match="prior_spectrum: only"):
+        ws_sample(model, process, 2, (1, *SIZE), likelihood=lik, prior_spectrum=c, residual="x", method="sde",
+                  steps=40, progress=False)
+    with pytest.raises(ValueError, match="prior_spectrum: expected a \\(H, W\\)"):
+        ws_sample(model, process, 2, (1, *SIZE), likelihood=lik, prior_spectrum=c[:4], **cov_opts)
+    with pytest.raises(ValueError, match="normalize"):
+        ws_sample(model, process, 2, (1, *SIZE), likelihood=lik, prior_spectrum=c, normalize=True, **cov_opts)
+    mask = torch.ones(1, *SIZE)
+    mask[..., :2, :] = 0
+    with pytest.raises(TypeError, match="circulant operator"):
+        ws_sample(model, process, 2, (1, *SIZE), likelihood=GaussianLikelihood(Inpainting(mask), torch.zeros(
+            1, 1, *SIZE, dtype=F64), 0.1), prior_spectrum=c, **cov_opts)
+    with pytest.raises(TypeError, match="stationary noise"):
+        ws_sample(model, process, 2, (1, *SIZE), likelihood=GaussianLikelihood(Identity(), torch.zeros(
+            1, 1, *SIZE, dtype=F64), torch.linspace(0.1, 0.2, D).reshape(1, *SIZE)), prior_spectrum=c, **cov_opts)
     with pytest.raises(ValueError, match="widths"):
         WidthConditionedNet(UNet(2, channels=(8,), groups=4), widths=(2.0, 1.0))
     with pytest.raises(ValueError, match="width"):
