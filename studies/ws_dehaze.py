@@ -30,6 +30,7 @@ Score-ALD is not run: its annealed likelihood needs white noise of one std (`sco
     OMP_NUM_THREADS=1 python studies/ws_dehaze.py --out runs/ws_dehaze --train-only ws &   # the priors,
     OMP_NUM_THREADS=1 python studies/ws_dehaze.py --out runs/ws_dehaze --train-only vp &   # in parallel
     OMP_NUM_THREADS=1 python studies/ws_dehaze.py --out runs/ws_dehaze                     # loads them
+    (or --checkpoints runs/ws_dehaze --out runs/wsd_rocket --sets rocket, and coins, in two processes)
     OMP_NUM_THREADS=1 python studies/ws_dehaze.py --out /tmp/wsd --quick   # tiny nets, 3 images per set
 
 Writes metrics.json, results.md and ws_dehaze.png into --out.
@@ -200,6 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoints", type=Path, help="folder of the priors' checkpoints ws.pt and vp.pt "
                         "(default --out); training resumes from them, or is skipped when they are complete")
+    parser.add_argument("--sets", nargs="+", choices=TEST_SETS, default=list(TEST_SETS),
+                        help="test sets to run (one per process runs them in parallel; the priors are shared)")
     parser.add_argument("--train-only", choices=("ws", "vp"), help="train (or resume) one prior and stop (run the "
                         "two in parallel processes, then the study loads them)")
     args = parser.parse_args(argv)
@@ -210,6 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_data = natural_patches(s["n_train"], SIZE, images=TRAIN_IMAGES, generator=g)
     train_data = torch.cat([train_data, train_data.flip(-1)])
     truths = {name: natural_patches(s["n_test"], SIZE, images=(name,), split="test", generator=g) for name in TEST_SETS}
+    truths = {name: truths[name] for name in args.sets}
 
     process = WSProcess({"type": "gaussian", "size": [SIZE, SIZE], "width": WIDTH, "white": WHITE})
     checkpoints = args.checkpoints or args.out
@@ -241,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = {
         "mode": "quick" if args.quick else "full", "seed": args.seed, "settings": {k: list(v) if isinstance(v, tuple)
                                                                                     else v for k, v in s.items()},
-        "problem": {"size": SIZE, "train_images": TRAIN_IMAGES, "test_sets": TEST_SETS, "ws_width": WIDTH,
+        "problem": {"size": SIZE, "train_images": TRAIN_IMAGES, "test_sets": list(truths), "ws_width": WIDTH,
                     "ws_white": WHITE, "haze_sigma": HAZE, "blur_sigma": BLUR},
         "training": {"ws": ws_train, "vp": vp_train}, "results": results,
         "wall_s": time.perf_counter() - start, "torch": torch.__version__, "python": platform.python_version(),
