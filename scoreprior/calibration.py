@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 
 from scoreprior import diagnostics
+from scoreprior._checks import nonnegative_int, positive_float, positive_int
 from scoreprior.distributed import map_sharded
 from scoreprior.likelihood import GaussianLikelihood
-from scoreprior.operators import LinearOperator, _positive_float, _positive_int
+from scoreprior.operators import LinearOperator
 from scoreprior.posterior import DPI
 from scoreprior.priors import GaussianPrior, gaussian_posterior
 
@@ -43,10 +44,8 @@ def problem_generator(seed: int, index: int, device: torch.device | str | None =
 
     seed, index: non-negative integers (numpy's SeedSequence takes no negative entropy).
     """
-    for name, value in (("seed", seed), ("index", index)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ValueError(f"{name}: expected a non-negative integer, got {value!r}")
-    state = int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    seed, index = nonnegative_int(seed, "seed"), nonnegative_int(index, "index")
+    state = int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
     return torch.Generator(device=device or "cpu").manual_seed(state)
 
 
@@ -59,7 +58,7 @@ class ExactGaussianPosterior:
 
     def __init__(self, prior: GaussianPrior, *, cov_scale: float = 1.0) -> None:
         self.prior = prior
-        self.cov_scale = _positive_float(cov_scale, "cov_scale")
+        self.cov_scale = positive_float(cov_scale, "cov_scale")
 
     def __call__(self, likelihood: GaussianLikelihood, n: int, *, generator: torch.Generator) -> dict[str, Tensor]:
         """n draws and their log-density under N(m, c Σ): {"samples": (n, *event_shape), "log_q": (n,)}."""
@@ -85,9 +84,9 @@ class DPIPosterior:
                  lr: float = 1e-2, n_flows: int = 4, hidden: int = 64, init_scale: float = 0.1,
                  prior_kwargs: dict | None = None) -> None:
         self.prior, self.image_shape = prior, tuple(image_shape)
-        self.steps, self.batch_size = _positive_int(steps, "steps"), _positive_int(batch_size, "batch_size")
-        self.lr, self.init_scale = _positive_float(lr, "lr"), _positive_float(init_scale, "init_scale")
-        self.n_flows, self.hidden = _positive_int(n_flows, "n_flows"), _positive_int(hidden, "hidden")
+        self.steps, self.batch_size = positive_int(steps, "steps"), positive_int(batch_size, "batch_size")
+        self.lr, self.init_scale = positive_float(lr, "lr"), positive_float(init_scale, "init_scale")
+        self.n_flows, self.hidden = positive_int(n_flows, "n_flows"), positive_int(hidden, "hidden")
         self.prior_kwargs = prior_kwargs
 
     def __call__(self, likelihood: GaussianLikelihood, n: int, *, generator: torch.Generator) -> dict[str, Tensor]:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from scoreprior._checks import integer, number, positive_float, positive_int
 from scoreprior.data import DATASETS, builtin_dataset, gaussian_field, load_images
 from scoreprior.density import EXACT_MAX_DIM, ScorePrior, bits_per_dim
 from scoreprior.distributed import init_from_env, item_seed, map_sharded
@@ -62,9 +63,7 @@ BPD_NOTE = (
 def _require_positive(args: argparse.Namespace, *names: str, minimum: int = 1) -> None:
     """ValueError naming the option when an integer option is below `minimum`."""
     for name in names:
-        value = getattr(args, name)
-        if value < minimum:
-            raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= {minimum}, got {value}")
+        integer(getattr(args, name), f"--{name.replace('_', '-')}", low=minimum)
 
 
 def _check_out(path: str | Path, option: str = "--out") -> Path:
@@ -276,17 +275,15 @@ def _parse_operator(spec: str) -> tuple[str, float | int | None]:
     if kind not in ("blur", "fourier", "inpaint", "fourier-mask") or not value:
         raise fail
     try:
-        number = int(value) if kind == "fourier" else float(value)
+        parsed = int(value) if kind == "fourier" else float(value)
     except ValueError:
         raise ValueError(f"--operator {spec!r}: expected {'an integer' if kind == 'fourier' else 'a number'} "
                          f"after '{kind}:', got {value!r}") from None
-    if kind == "blur" and not (math.isfinite(number) and number > 0):
-        raise ValueError(f"--operator {spec!r}: expected a positive blur sigma in pixels, got {value}")
-    if kind == "fourier" and number < 1:
-        raise ValueError(f"--operator {spec!r}: expected a block size K >= 1, got {value}")
-    if kind in ("inpaint", "fourier-mask") and not 0 < number <= 1:
-        raise ValueError(f"--operator {spec!r}: expected a fraction of kept pixels in (0, 1], got {value}")
-    return kind, number
+    if kind == "blur":
+        return kind, positive_float(parsed, f"--operator {spec!r} (blur sigma in pixels)")
+    if kind == "fourier":
+        return kind, positive_int(parsed, f"--operator {spec!r} (block size K)")
+    return kind, number(parsed, f"--operator {spec!r} (fraction of kept pixels)", low=0.0, high=1.0)
 
 
 def _random_mask(size: tuple[int, int], fraction: float, generator: torch.Generator) -> Tensor:
@@ -452,10 +449,8 @@ def _check_posterior_source(args: argparse.Namespace) -> None:
         for option in ("operator", "sigma"):
             if getattr(args, option) is not None:
                 raise ValueError(f"--{option}: not used with --uvfits (the operator and noise come from the file)")
-        if not (math.isfinite(args.fov_uas) and args.fov_uas > 0):
-            raise ValueError(f"--fov-uas: expected a positive field of view in µas, got {args.fov_uas}")
-        if not (math.isfinite(args.average) and args.average >= 0):
-            raise ValueError(f"--average: expected a window of 0 s or more, got {args.average}")
+        positive_float(args.fov_uas, "--fov-uas")
+        number(args.average, "--average", low=0.0, low_open=False)
         return
     if args.likelihood == "closure":
         raise ValueError("--likelihood closure: needs --uvfits (closure quantities of real visibilities)")
@@ -719,9 +714,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = getattr(args, "threads", None)
     try:
         if threads is not None:
-            if threads < 1:
-                raise ValueError(f"--threads: expected an integer >= 1, got {threads}")
-            torch.set_num_threads(threads)
+            torch.set_num_threads(positive_int(threads, "--threads"))
         return args.run(args)
     except (*_BAD_INPUT, RuntimeError) as err:
         if getattr(args, "debug", False):

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from scoreprior._checks import choice, integer, nonnegative_int, positive_float, positive_int
+
 __all__ = [
     "DATASETS",
     "BLACKHOLE_FOV_UAS",
@@ -79,13 +81,10 @@ def gaussian_field(
 
     Returns mean (1, height, width) and cov (d, d), d = height * width, in row-major pixel order.
     """
-    if height < 1 or width < 1:
-        raise ValueError(f"height, width: expected positive integers, got {height}, {width}")
+    height, width = positive_int(height, "height"), positive_int(width, "width")
     l_row, l_col = (length_scale, length_scale) if isinstance(length_scale, (int, float)) else length_scale
-    if l_row <= 0 or l_col <= 0:
-        raise ValueError(f"length_scale: expected positive values, got {length_scale}")
-    if scale <= 0 or nugget <= 0:
-        raise ValueError(f"scale, nugget: expected positive numbers, got {scale}, {nugget}")
+    l_row, l_col = positive_float(l_row, "length_scale"), positive_float(l_col, "length_scale")
+    scale, nugget = positive_float(scale, "scale"), positive_float(nugget, "nugget")
     rows, cols = torch.meshgrid(
         torch.arange(height, dtype=dtype), torch.arange(width, dtype=dtype), indexing="ij"
     )
@@ -111,8 +110,7 @@ def sample_gaussian(
     d = mean.numel()
     if cov.shape != (d, d):
         raise ValueError(f"cov: expected shape ({d}, {d}) for mean of shape {tuple(mean.shape)}, got {tuple(cov.shape)}")
-    if n < 0:
-        raise ValueError(f"n: expected a non-negative integer, got {n}")
+    n = nonnegative_int(n, "n")
     chol, info = torch.linalg.cholesky_ex(cov.to(device=mean.device, dtype=mean.dtype))
     if info.item() != 0:
         raise ValueError("cov: expected a positive definite matrix, Cholesky factorisation failed")
@@ -217,14 +215,8 @@ def blackhole_images(
 
     Returns images (n, 1, size, size), or (images, params) with return_params.
     """
-    if n < 0:
-        raise ValueError(f"n: expected a non-negative integer, got {n}")
-    if size < 2:
-        raise ValueError(f"size: expected an integer >= 2, got {size}")
-    if not fov_uas > 0:
-        raise ValueError(f"fov_uas: expected a positive number, got {fov_uas}")
-    if supersample < 1:
-        raise ValueError(f"supersample: expected a positive integer, got {supersample}")
+    n, size = nonnegative_int(n, "n"), integer(size, "size", low=2)
+    fov_uas, supersample = positive_float(fov_uas, "fov_uas"), positive_int(supersample, "supersample")
     ranges = {"diameter_uas": diameter_uas, "width_uas": width_uas, "asymmetry": asymmetry,
               "position_angle_deg": position_angle_deg, "blur_uas": blur_uas, "peak": peak}
     bounds = {name: _bounds(value, name) for name, value in ranges.items()}
@@ -284,8 +276,7 @@ def ring_radius(
         images = images[:, 0]
     if images.ndim != 3 or images.shape[-1] < 4 or images.shape[-2] < 4:
         raise ValueError(f"images: expected shape (B, 1, H, W) or (B, H, W), got {tuple(images.shape)}")
-    if n_rays < 1 or not step_px > 0:
-        raise ValueError(f"n_rays, step_px: expected positive numbers, got {n_rays}, {step_px}")
+    n_rays, step_px = positive_int(n_rays, "n_rays"), positive_float(step_px, "step_px")
     h, w = images.shape[-2:]
     x = images.detach().to(device="cpu", dtype=torch.float64)[:, None]
     radii = torch.arange(0.0, min(h, w) / 2 - 1, step_px, dtype=torch.float64)
@@ -404,14 +395,9 @@ def natural_patches(
 
     Returns (n, 1, size, size) float32, or (patches, locations).
     """
-    if n < 0:
-        raise ValueError(f"n: expected a non-negative integer, got {n}")
-    if not 1 <= size <= _NATURAL_BLOCK:
-        raise ValueError(f"size: expected an integer in [1, {_NATURAL_BLOCK}], got {size}")
-    if split not in ("train", "test"):
-        raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
-    if downscale < 1:
-        raise ValueError(f"downscale: expected a positive integer, got {downscale}")
+    n, size = nonnegative_int(n, "n"), integer(size, "size", low=1, high=_NATURAL_BLOCK)
+    choice(split, "split", ("train", "test"))
+    downscale = positive_int(downscale, "downscale")
     unknown = [name for name in images if name not in NATURAL_IMAGES]
     if unknown or not images:
         raise ValueError(f"images: expected a non-empty tuple of names from {list(NATURAL_IMAGES)}, got {images!r}")
@@ -444,8 +430,7 @@ def face_images(size: int = 24, *, flip: bool = False) -> Tensor:
     size: output side in pixels; flip: append the 100 horizontal mirror images (200 in all).
     Returns (100, 1, size, size) float32, or (200, 1, size, size) with flip.
     """
-    if size < 1:
-        raise ValueError(f"size: expected a positive integer, got {size}")
+    size = positive_int(size, "size")
     skimage = _skimage()
     faces = skimage.data.lfw_subset()[:100]
     resized = np.stack([
@@ -476,16 +461,11 @@ def pca_gaussian(
     Returns mean (1, size, size) and cov (d, d), d = size^2, row-major, in `dtype`; every eigenvalue of
     cov is at least the floor. Sample it with `sample_gaussian(mean, cov, n)`.
     """
+    size = positive_int(size, "size")
     d = size * size
-    if size < 1:
-        raise ValueError(f"size: expected a positive integer, got {size}")
-    if source not in ("faces", "natural"):
-        raise ValueError(f"source: expected 'faces' or 'natural', got {source!r}")
-    k = d if n_components is None else n_components
-    if not 1 <= k <= d:
-        raise ValueError(f"n_components: expected an integer in [1, {d}], got {n_components}")
-    if not eigenvalue_floor > 0:
-        raise ValueError(f"eigenvalue_floor: expected a positive number, got {eigenvalue_floor}")
+    choice(source, "source", ("faces", "natural"))
+    k = d if n_components is None else integer(n_components, "n_components", low=1, high=d)
+    eigenvalue_floor = positive_float(eigenvalue_floor, "eigenvalue_floor")
     if source == "faces":
         images = face_images(size, flip=True)
     else:
@@ -514,12 +494,8 @@ def builtin_dataset(
       "pca-gaussian": samples of `pca_gaussian(size)`, the exact Gaussian fitted to faces.
     generator: CPU torch.Generator for reproducible draws.
     """
-    if name not in DATASETS:
-        raise ValueError(f"name: expected one of {list(DATASETS)}, got {name!r}")
-    if size < 1:
-        raise ValueError(f"size: expected a positive integer, got {size}")
-    if n < 0:
-        raise ValueError(f"n: expected a non-negative integer, got {n}")
+    choice(name, "name", DATASETS)
+    size, n = positive_int(size, "size"), nonnegative_int(n, "n")
     if name == "blackhole":
         return blackhole_images(n, size, generator=generator)
     if name == "natural":

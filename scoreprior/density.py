@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 from tqdm.auto import tqdm
 
+from scoreprior._checks import batch_shape, choice, number, positive_float, positive_int
 from scoreprior.priors import GaussianPrior
 from scoreprior.sde import SDE, per_sample
 
@@ -76,8 +77,7 @@ def bits_per_dim(log_prob: Tensor, dim: int, *, data_range: float = 1.0) -> Tens
 
     log_prob: (B,) nats; dim: number of dimensions d of one image. Returns (B,).
     """
-    if dim <= 0 or data_range <= 0:
-        raise ValueError(f"dim, data_range: must be positive, got {dim}, {data_range}")
+    dim, data_range = positive_int(dim, "dim"), positive_float(data_range, "data_range")
     return -log_prob / (dim * math.log(2.0)) + math.log2(256.0 / data_range)
 
 
@@ -85,9 +85,8 @@ def check_images(x: Tensor, event_shape: torch.Size | None) -> None:
     """Validate a batch x (B, *event_shape) of finite floating-point images at a public boundary."""
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"x: expected a floating-point tensor, got {type(x).__name__}")
-    if event_shape is not None and x.shape[1:] != event_shape:
-        expected = ", ".join(map(str, event_shape))
-        raise ValueError(f"x: expected shape (B, {expected}), got {tuple(x.shape)}")
+    if event_shape is not None:
+        batch_shape(x, "x", event_shape)
     if x.ndim < 2 or x.shape[0] == 0:
         raise ValueError(f"x: expected a non-empty batch (B, *event_shape), got {tuple(x.shape)}")
     if not torch.isfinite(x).all():
@@ -222,11 +221,9 @@ class ScorePrior:
                                            and data_range[0] <= data_range[1]):
             raise ValueError(f"data_range: expected (lo, hi) with lo <= hi, got {data_range!r}")
         self.data_range = None if data_range is None else (float(data_range[0]), float(data_range[1]))
-        if not 0.0 < t0 < sde.T:
-            raise ValueError(f"t0: expected 0 < t0 < {sde.T}, got {t0}")
+        self.t0 = number(t0, "t0", low=0.0, high=sde.T, high_open=True)
         self.score = score
         self.sde = sde
-        self.t0 = float(t0)
         shape = event_shape if event_shape is not None else getattr(score, "event_shape", None)
         self.event_shape = torch.Size(shape) if shape is not None else None
         self.terminal_log_prob = terminal_log_prob if terminal_log_prob is not None else sde.prior_log_prob
@@ -290,23 +287,18 @@ class ScorePrior:
         """
         check_images(x, self.event_shape)
         d = x[0].numel()
-        if divergence not in ("auto", "exact", "hutchinson"):
-            raise ValueError(f"divergence: expected 'auto', 'exact' or 'hutchinson', got {divergence!r}")
+        choice(divergence, "divergence", ("auto", "exact", "hutchinson"))
         if divergence == "auto":
             divergence = "exact" if d <= EXACT_MAX_DIM else "hutchinson"
-        if logp_atol is None and isinstance(atol, (int, float)):
+        rtol, atol = positive_float(rtol, "rtol"), positive_float(atol, "atol")
+        if logp_atol is None:
             logp_atol = atol if divergence == "exact" else min(atol * d, _HUTCHINSON_LOGP_ATOL)
-        for name, tol in (("rtol", rtol), ("atol", atol), ("logp_atol", logp_atol)):
-            if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
-                raise ValueError(f"{name}: expected a positive finite number, got {tol!r}")
-        if not isinstance(n_probes, int) or n_probes < 1:
-            raise ValueError(f"n_probes: expected a positive integer, got {n_probes!r}")
-        if probe not in ("rademacher", "gaussian"):
-            raise ValueError(f"probe: expected 'rademacher' or 'gaussian', got {probe!r}")
-        if jvp not in ("difference", "autograd"):
-            raise ValueError(f"jvp: expected 'difference' or 'autograd', got {jvp!r}")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size!r}")
+        logp_atol = positive_float(logp_atol, "logp_atol")
+        positive_int(n_probes, "n_probes")
+        choice(probe, "probe", ("rademacher", "gaussian"))
+        choice(jvp, "jvp", ("difference", "autograd"))
+        if chunk_size is not None:
+            positive_int(chunk_size, "chunk_size")
 
         probes = cv_weights = None
         if divergence == "hutchinson":

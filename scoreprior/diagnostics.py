@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from numbers import Integral, Real
+from numbers import Real
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from scoreprior.operators import _positive_float
+from scoreprior._checks import choice, integer, positive_float, positive_int, probability
 
 __all__ = [
     "IMAGE_DIMS",
@@ -82,19 +82,6 @@ def _check_image_batch(samples: object, truths: object) -> tuple[Tensor, Tensor]
         raise ValueError(f"truths: expected shape {expected} (samples {tuple(samples.shape)} without the draw "
                          f"dimension), got {tuple(truths.shape)}")
     return samples, truths.to(device=samples.device, dtype=samples.dtype)
-
-
-def _probability(prob: object, name: str) -> float:
-    if not isinstance(prob, Real) or isinstance(prob, bool) or not 0 < prob < 1:
-        raise ValueError(f"{name}: expected a probability in (0, 1), got {prob!r}")
-    return float(prob)
-
-
-def _levels(levels: object, name: str) -> list[float]:
-    values = [levels] if isinstance(levels, Real) else list(torch.as_tensor(levels).reshape(-1).tolist())
-    if not values:
-        raise ValueError(f"{name}: expected at least one level, got none")
-    return [_probability(v, name) for v in values]
 
 
 def to_datatree(
@@ -165,14 +152,13 @@ def credible_interval(samples: object, prob: float, *, kind: str = "hdi") -> Ten
     Returns (*shape, 2): lower and upper bounds, samples' dtype and device.
     """
     x = _tensor(samples, "samples")
-    prob = _probability(prob, "prob")
+    prob = probability(prob, "prob")
     if x.ndim < 1 or x.shape[0] < 2:
         raise ValueError(f"samples: expected shape (n, ...) with n >= 2 draws, got {tuple(x.shape)}")
+    choice(kind, "kind", ("hdi", "eti"))
     if kind == "eti":
         q = torch.tensor([(1 - prob) / 2, (1 + prob) / 2], dtype=x.dtype, device=x.device)
         return torch.quantile(x, q, dim=0).movedim(0, -1)
-    if kind != "hdi":
-        raise ValueError(f"kind: expected 'hdi' or 'eti', got {kind!r}")
     return _hdi_sorted(torch.sort(x, dim=0).values, prob)
 
 
@@ -217,9 +203,8 @@ def coverage(samples: object, truths: object, levels: object, *, kind: str = "et
     correlated, so `binomial_band(P, levels)` (the band for one pixel) is the conservative band for it.
     """
     x, t = _check_image_batch(samples, truths)
-    values = _levels(levels, "levels")
-    if kind not in ("eti", "hdi"):
-        raise ValueError(f"kind: expected 'hdi' or 'eti', got {kind!r}")
+    values = [probability(level, "levels") for level in _as_list(levels, "levels")]
+    choice(kind, "kind", ("hdi", "eti"))
     draws = x.flatten(2).movedim(1, 0)  # (L, P, d)
     truth = t.flatten(1)
     if kind == "hdi":
@@ -240,9 +225,8 @@ def binomial_band(n: int, levels: object, *, prob: float = 0.95) -> tuple[Tensor
     Returns (lower, upper), each (K,) float64.
     """
     stats = _require("scipy.stats")
-    if not isinstance(n, Integral) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"n: expected a positive integer, got {n!r}")
-    prob = _probability(prob, "prob")
+    positive_int(n, "n")
+    prob = probability(prob, "prob")
     p = torch.as_tensor(levels, dtype=torch.float64).reshape(-1)
     if bool(((p < 0) | (p > 1)).any()):
         raise ValueError(f"levels: expected probabilities in [0, 1], got {p.tolist()}")
@@ -290,14 +274,11 @@ def rank_uniformity(ranks: Tensor, n_samples: int, *, bins: int | None = None) -
     if not isinstance(ranks, Tensor) or ranks.is_floating_point() or ranks.is_complex() or ranks.ndim < 1:
         got = getattr(ranks, "dtype", type(ranks).__name__)
         raise TypeError(f"ranks: expected an integer tensor of shape (P, ...), got {got}")
-    if not isinstance(n_samples, Integral) or n_samples < 1:
-        raise ValueError(f"n_samples: expected a positive integer, got {n_samples!r}")
+    n_samples = positive_int(n_samples, "n_samples")
     if bool(((ranks < 0) | (ranks > n_samples)).any()):
         raise ValueError(f"ranks: expected values in [0, {n_samples}], got [{int(ranks.min())}, {int(ranks.max())}]")
     p = ranks.shape[0]
-    bins = min(n_samples + 1, max(2, p // 10)) if bins is None else int(bins)
-    if not 2 <= bins <= n_samples + 1:
-        raise ValueError(f"bins: expected an integer in [2, {n_samples + 1}], got {bins}")
+    bins = min(n_samples + 1, max(2, p // 10)) if bins is None else integer(bins, "bins", low=2, high=n_samples + 1)
     edges = torch.linspace(0, n_samples + 1, bins + 1, dtype=torch.float64).round().long()
     group = torch.bucketize(ranks.cpu().reshape(p, -1), edges[1:-1], right=True)  # (P, m) group of each rank
     observed = torch.nn.functional.one_hot(group, bins).sum(0).double()  # (m, bins)
@@ -322,7 +303,7 @@ def sbc_ecdf(
     """
     if not isinstance(ranks, Tensor) or ranks.ndim != 1 or ranks.is_floating_point():
         raise ValueError(f"ranks: expected an integer tensor of shape (P,), got {getattr(ranks, 'shape', type(ranks))}")
-    prob = _probability(prob, "prob")
+    prob = probability(prob, "prob")
     p = ranks.shape[0]
     z = torch.arange(1, n_samples + 1, dtype=torch.float64) / (n_samples + 1)
     ecdf = (ranks.cpu().unsqueeze(0) < torch.arange(1, n_samples + 1).unsqueeze(1)).double().mean(1)
@@ -372,8 +353,7 @@ def tarp_coverage(
     span = torch.where(high > low, high - low, torch.ones_like(high))
     x, t = (x - low) / span, (t - low) / span
     if references is None:
-        if not isinstance(n_refs, Integral) or n_refs < 1:
-            raise ValueError(f"n_refs: expected a positive integer, got {n_refs!r}")
+        n_refs = positive_int(n_refs, "n_refs")
         refs = torch.rand(n_refs, p, t.shape[1], generator=generator, dtype=x.dtype, device=x.device)
     else:
         refs = _tensor(references, "references").to(device=x.device, dtype=x.dtype)
@@ -542,8 +522,8 @@ def blurred_psnr(
         (B, K) PSNRs in dB, float64 on x's device.
     """
     x, ref = _check_draws_and_truth(x, ref)
-    fov = _positive_float(fov_uas, "fov_uas")
-    fwhms = [_positive_float(v, f"fwhm_uas[{i}]") for i, v in enumerate(_as_list(fwhm_uas, "fwhm_uas"))]
+    fov = positive_float(fov_uas, "fov_uas")
+    fwhms = [positive_float(v, f"fwhm_uas[{i}]") for i, v in enumerate(_as_list(fwhm_uas, "fwhm_uas"))]
     h, w = ref.shape
     if max_shift_px is None:
         limit = min(h, w) / 4

@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from scoreprior._checks import integer, nonnegative_int, positive_int
+
 __all__ = [
     "ProcessInfo",
     "init_from_env",
@@ -99,8 +101,7 @@ def item_seed(seed: int, index: int) -> int:
     item 0 keeps `seed` itself, so a run whose work is one item draws what it drew before seeding per item.
     Returns an int in [0, 2^64), accepted by torch.Generator.manual_seed.
     """
-    if index < 0:
-        raise ValueError(f"index: expected a non-negative integer, got {index}")
+    index = nonnegative_int(index, "index")
     return (seed + index * _GOLDEN_GAMMA) % 2**64
 
 
@@ -110,12 +111,8 @@ def shard(n_items: int, rank: int, world: int) -> list[int]:
     Every index in range(n_items) lands in exactly one shard, and shard sizes differ by at most one
     (ranks below n_items mod world take the extra item). n_items >= 0, world >= 1, 0 <= rank < world.
     """
-    if n_items < 0:
-        raise ValueError(f"n_items: expected a non-negative integer, got {n_items}")
-    if world < 1:
-        raise ValueError(f"world: expected a positive integer, got {world}")
-    if not 0 <= rank < world:
-        raise ValueError(f"rank: expected an integer in [0, {world}), got {rank}")
+    n_items, world = nonnegative_int(n_items, "n_items"), positive_int(world, "world")
+    rank = integer(rank, "rank", low=0, high=world - 1)
     return list(range(rank, n_items, world))
 
 

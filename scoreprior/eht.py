@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from scoreprior._checks import number, positive_float
+
 __all__ = [
     "SPEED_OF_LIGHT",
     "Station",
@@ -323,12 +325,6 @@ class UVCoverage:
         return sorted(set(self.t1.tolist()) | set(self.t2.tolist()))
 
 
-def _check_positive(**values: float) -> None:
-    for name, value in values.items():
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name}: expected a positive finite number, got {value}")
-
-
 def uv_coverage(
     stations: Array | Sequence[Station],
     ra_hours: float,
@@ -358,15 +354,13 @@ def uv_coverage(
     if len(stations) < 2:
         raise ValueError(f"stations: expected at least 2 stations, got {len(stations)}")
     array = Array(name="stations", stations=stations)
-    if not (math.isfinite(ra_hours) and 0.0 <= ra_hours <= 24.0):
-        raise ValueError(f"ra_hours: expected a value in [0, 24], got {ra_hours}")
-    if not (math.isfinite(dec_deg) and -90.0 <= dec_deg <= 90.0):
-        raise ValueError(f"dec_deg: expected a value in [-90, 90], got {dec_deg}")
-    if not math.isfinite(mjd):
-        raise ValueError(f"mjd: expected a finite day number, got {mjd}")
-    if not (math.isfinite(tstart) and math.isfinite(tstop) and tstop > tstart):
-        raise ValueError(f"tstop: expected a finite value greater than tstart = {tstart}, got {tstop}")
-    _check_positive(tint=tint, tadv=tadv, rf=rf, bw=bw)
+    number(ra_hours, "ra_hours", low=0.0, high=24.0, low_open=False)
+    number(dec_deg, "dec_deg", low=-90.0, high=90.0, low_open=False)
+    number(mjd, "mjd", low=-math.inf)
+    tstart = number(tstart, "tstart", low=-math.inf)
+    number(tstop, "tstop", low=tstart)
+    for name, value in (("tint", tint), ("tadv", tadv), ("rf", rf), ("bw", bw)):
+        positive_float(value, name)
     if not (-90.0 <= elevmin < elevmax <= 90.0):
         raise ValueError(
             f"elevmin, elevmax: expected -90 <= elevmin < elevmax <= 90, got elevmin = {elevmin}, "
@@ -529,7 +523,8 @@ def average_visibilities(data: UVFitsData, seconds: float, *, gap: float = 60.0)
     closure quantities needs (it is poor below an SNR of about 3).
     data: from `read_uvfits`; seconds, gap: positive, in seconds.
     """
-    _check_positive(seconds=seconds, gap=gap)
+    positive_float(seconds, "seconds")
+    positive_float(gap, "gap")
     stamps, which = np.unique(data.time, return_inverse=True)
     stamp_window = np.zeros(len(stamps), dtype=np.int64)
     start = stamps[0]

@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from numbers import Integral
 from typing import Any, Protocol
 
 import numpy as np
@@ -31,6 +30,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from scoreprior._checks import positive_int, probability
 from scoreprior.density import EXACT_MAX_DIM, ScorePrior
 
 __all__ = ["PosteriorCheck", "check_posterior", "importance_draws"]
@@ -143,8 +143,7 @@ class PosteriorCheck:
         Quantiles interpolate linearly between the sorted draws placed at their mid cumulative weights
         (the Hazen positions (i + 1/2) / n for equal weights). Returns (*image_shape, 2), samples' dtype.
         """
-        if not (isinstance(prob, (int, float)) and 0.0 < prob < 1.0):
-            raise ValueError(f"prob: expected a number in (0, 1), got {prob!r}")
+        prob = probability(prob, "prob")
         w = self._weights()
         x = self.samples.reshape(self.n, -1).to(torch.float64).mT  # (P, n)
         xs, order = x.sort(dim=1)
@@ -163,8 +162,7 @@ class PosteriorCheck:
 
         generator: for the one uniform offset; must live on samples' device.
         """
-        if not isinstance(m, Integral) or isinstance(m, bool) or m < 1:
-            raise ValueError(f"m: expected a positive integer, got {m!r}")
+        m = positive_int(m, "m")
         cdf = self._weights().to(self.samples.device).cumsum(0)
         offset = torch.rand(1, generator=generator, dtype=cdf.dtype, device=cdf.device)
         u = (offset + torch.arange(m, device=cdf.device)) / m
@@ -182,12 +180,6 @@ class PosteriorCheck:
                 "log_prior_noise_median": num(self.noise_median), "log_weight_spread": num(self.log_weight_spread),
                 "reliable": self.reliable,
                 "verdict": self.verdict}
-
-
-def _count(value: object, name: str, minimum: int) -> int:
-    if not isinstance(value, Integral) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _psislw():
@@ -275,8 +267,8 @@ def importance_draws(
     if not bool(torch.isfinite(log_q).all()):
         raise ValueError(f"log_q: expected finite values, got {int((~torch.isfinite(log_q)).sum())} NaN or inf "
                          f"of {n}")
-    repeats = _count(repeats, "repeats", 1)
-    batch_size = _count(batch_size, "batch_size", 1)
+    repeats = positive_int(repeats, "repeats")
+    batch_size = positive_int(batch_size, "batch_size")
     if log_prob_kwargs is None:
         log_prob_kwargs = SCORE_PRIOR_KWARGS if isinstance(prior, ScorePrior) else {}
     kwargs = dict(log_prob_kwargs)
@@ -352,7 +344,7 @@ def check_posterior(
         >>> check_posterior(Q(), p, Flat(), n=100, generator=torch.Generator().manual_seed(0)).reliable
         True
     """
-    n = _count(n, "n", 1)
+    n = positive_int(n, "n")
     if n < MIN_DRAWS:
         raise ValueError(f"n: expected at least {MIN_DRAWS} draws (PSIS fits its tail to n / 5 >= 5), got {n}")
     with torch.no_grad():

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from scoreprior._checks import choice, format_shape, number, positive_float
 from scoreprior.eht import (
     ClosurePhases,
     ClosureQuantities,
@@ -36,7 +37,7 @@ from scoreprior.eht import (
     UVFitsData,
     closure_quantities,
 )
-from scoreprior.operators import Interferometer, LinearOperator, _format_shape, _positive_float
+from scoreprior.operators import Interferometer, LinearOperator
 
 __all__ = ["ClosureLikelihood", "DiagonalCovariance", "FourierDiagonalCovariance", "GaussianLikelihood",
            "NoiseCovariance"]
@@ -231,7 +232,7 @@ class GaussianLikelihood:
         if not isinstance(sigma, Real):
             raise TypeError("sigma: expected a positive number, tensor or NoiseCovariance, "
                             f"got {type(sigma).__name__}")
-        std = _positive_float(sigma, "sigma")
+        std = positive_float(sigma, "sigma")
         return DiagonalCovariance(torch.full(event, std, dtype=y.real.dtype, device=y.device))
 
     @property
@@ -247,9 +248,9 @@ class GaussianLikelihood:
         zero = torch.zeros((1, *image_shape), dtype=self.y.real.dtype, device=self.y.device)
         ax = self.operator.A(zero)
         if ax.shape != self.y.shape or ax.is_complex() != self.y.is_complex():
-            raise ValueError(f"y: expected a {_kind(ax)} tensor of shape {_format_shape(tuple(ax.shape))} = A(x) "
+            raise ValueError(f"y: expected a {_kind(ax)} tensor of shape {format_shape(tuple(ax.shape))} = A(x) "
                              f"for images of shape {tuple(image_shape)}, got a {_kind(self.y)} tensor of shape "
-                             f"{_format_shape(tuple(self.y.shape))}")
+                             f"{format_shape(tuple(self.y.shape))}")
         back = self.operator.A_adjoint(ax)
         if back.shape != zero.shape:
             raise ValueError(f"operator: expected A_adjoint to return shape {tuple(zero.shape)}, "
@@ -371,15 +372,14 @@ class ClosureLikelihood:
             if value is not None and len(value) == 0:
                 raise ValueError(f"{name}: expected at least one closure, got none (fewer than 3 or 4 stations "
                                  "at every time stamp?)")
-        if covariance not in ("full", "diagonal"):
-            raise ValueError(f"covariance: expected 'full' or 'diagonal', got {covariance!r}")
+        choice(covariance, "covariance", ("full", "diagonal"))
         if len(weights) != 2:
             raise ValueError(f"weights: expected (w_cp, w_lca), got {weights!r}")
-        self.weights = (_positive_float(weights[0], "weights[0]"), _positive_float(weights[1], "weights[1]"))
+        self.weights = (positive_float(weights[0], "weights[0]"), positive_float(weights[1], "weights[1]"))
         if flux is not None:
-            if len(flux) != 2 or not math.isfinite(float(flux[0])):
-                raise ValueError(f"flux: expected (value, sigma) with a finite value, got {flux!r}")
-            flux = (float(flux[0]), _positive_float(flux[1], "flux[1]"))
+            if len(flux) != 2:
+                raise ValueError(f"flux: expected (value, sigma), got {flux!r}")
+            flux = (number(flux[0], "flux[0]", low=-math.inf), positive_float(flux[1], "flux[1]"))
         self.operator, self.flux, self.covariance = operator, flux, covariance
         self.terms = [(c, w, self._whitener(c)) for c, w in zip((phases, log_amplitudes), self.weights)
                       if c is not None]

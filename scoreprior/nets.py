@@ -17,11 +17,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from scoreprior._checks import batch_shape, choice, integer, number, positive_int
+
 __all__ = ["FourierEmbedding", "SinusoidalEmbedding", "UNet", "MLP", "build_net", "register_net"]
 
 # Fixed seed for the random Fourier frequencies: two nets built from one config are identical
 # before training, whatever the global RNG state.
 _FOURIER_SEED = 0
+
+
+def _even(value: object, name: str) -> int:
+    """An even integer >= 2: an embedding size, half sines and half cosines."""
+    value = integer(value, name, low=2)
+    if value % 2:
+        raise ValueError(f"{name}: expected an even integer >= 2, got {value}")
+    return value
 
 
 class FourierEmbedding(nn.Module):
@@ -36,8 +46,7 @@ class FourierEmbedding(nn.Module):
 
     def __init__(self, dim: int, *, scale: float = 16.0):
         super().__init__()
-        if dim < 2 or dim % 2:
-            raise ValueError(f"dim: expected a positive even integer, got {dim}")
+        dim = _even(dim, "dim")
         generator = torch.Generator().manual_seed(_FOURIER_SEED)
         self.register_buffer("freqs", torch.randn(dim // 2, generator=generator) * scale)
 
@@ -57,9 +66,7 @@ class SinusoidalEmbedding(nn.Module):
 
     def __init__(self, dim: int, *, max_period: float = 10000.0):
         super().__init__()
-        if dim < 2 or dim % 2:
-            raise ValueError(f"dim: expected a positive even integer, got {dim}")
-        half = dim // 2
+        half = _even(dim, "dim") // 2
         freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64) / half)
         self.register_buffer("freqs", freqs.float(), persistent=False)
 
@@ -176,31 +183,21 @@ class UNet(nn.Module):
         super().__init__()
         channels = tuple(int(c) for c in channels)
         attention_levels = tuple(int(i) for i in attention_levels)
-        if in_channels < 1:
-            raise ValueError(f"in_channels: expected a positive integer, got {in_channels}")
-        if groups < 1:
-            raise ValueError(f"groups: expected a positive integer, got {groups}")
+        in_channels, groups = positive_int(in_channels, "in_channels"), positive_int(groups, "groups")
         if not channels or any(c < 1 or c % groups for c in channels):
             raise ValueError(
                 f"channels: expected a non-empty tuple of positive multiples of groups={groups}, "
                 f"got {channels}"
             )
-        if num_res_blocks < 1:
-            raise ValueError(f"num_res_blocks: expected a positive integer, got {num_res_blocks}")
+        num_res_blocks = positive_int(num_res_blocks, "num_res_blocks")
         if any(not 0 <= i < len(channels) for i in attention_levels):
             raise ValueError(
                 f"attention_levels: expected indices in [0, {len(channels)}), "
                 f"got {attention_levels}"
             )
-        if time_embedding not in ("fourier", "transformer"):
-            raise ValueError(
-                f"time_embedding: expected 'fourier' or 'transformer', got {time_embedding!r}"
-            )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout: expected a rate in [0, 1), got {dropout}")
-        embed_dim = 4 * channels[0] if embed_dim is None else embed_dim
-        if embed_dim < 2 or embed_dim % 2:
-            raise ValueError(f"embed_dim: expected a positive even integer, got {embed_dim}")
+        choice(time_embedding, "time_embedding", ("fourier", "transformer"))
+        number(dropout, "dropout", low=0.0, high=1.0, low_open=False, high_open=True)
+        embed_dim = _even(4 * channels[0] if embed_dim is None else embed_dim, "embed_dim")
 
         self._config = {
             "kind": "UNet",
@@ -298,14 +295,8 @@ class MLP(nn.Module):
         fourier_scale: float = 16.0,
     ):
         super().__init__()
-        if dim < 1:
-            raise ValueError(f"dim: expected a positive integer, got {dim}")
-        if hidden < 1:
-            raise ValueError(f"hidden: expected a positive integer, got {hidden}")
-        if depth < 1:
-            raise ValueError(f"depth: expected a positive integer, got {depth}")
-        if embed_dim < 2 or embed_dim % 2:
-            raise ValueError(f"embed_dim: expected a positive even integer, got {embed_dim}")
+        dim, hidden, depth = positive_int(dim, "dim"), positive_int(hidden, "hidden"), positive_int(depth, "depth")
+        embed_dim = _even(embed_dim, "embed_dim")
         self._config = {
             "kind": "MLP",
             "dim": dim,
@@ -329,8 +320,7 @@ class MLP(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"x: expected shape (B, {self.dim}), got {tuple(x.shape)}")
+        batch_shape(x, "x", (self.dim,))
         emb = self.time_embed(_check_times(t, x))
         h = x
         for layer, proj in zip(self.layers, self.time_proj):

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from numbers import Integral, Real
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from scoreprior._checks import format_shape, height_width, positive_float, positive_int
 
 __all__ = [
     "RAD_PER_UAS",
@@ -59,43 +60,15 @@ def _check_tensor(t: object, name: str, expected: tuple[int | str, ...], *, is_c
     if t.ndim != len(expected) or any(
         isinstance(e, int) and s != e for s, e in zip(t.shape, expected)
     ):
-        raise ValueError(f"{name}: expected shape {_format_shape(expected)}, got {tuple(t.shape)}")
-
-
-def _format_shape(shape: tuple[int | str, ...]) -> str:
-    """("B", 1, 8, 8) -> "(B, 1, 8, 8)"."""
-    return "(" + ", ".join(str(e) for e in shape) + ")"
+        raise ValueError(f"{name}: expected shape {format_shape(expected)}, got {tuple(t.shape)}")
 
 
 def _check_image_shape(image_shape: tuple[int, ...]) -> tuple[int, int, int]:
-    """Validate a single-image shape (C, H, W) and return it as a tuple of ints."""
+    """Validate a single-image shape (C, H, W) of integers >= 1 and return it as a tuple of ints."""
     image_shape = tuple(image_shape)
-    if len(image_shape) != 3 or not all(isinstance(s, Integral) and s > 0 for s in image_shape):
-        raise ValueError(f"image_shape: expected (C, H, W) with positive ints, got {image_shape}")
-    return tuple(int(s) for s in image_shape)
-
-
-def _positive_int(value: object, name: str) -> int:
-    if not isinstance(value, Integral) or isinstance(value, bool):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name}: expected a positive int, got {value}")
-    return int(value)
-
-
-def _image_size(value: object, name: str) -> tuple[int, int]:
-    """Validate an (H, W) pair of positive ints."""
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise ValueError(f"{name}: expected (H, W), got {value!r}")
-    return (_positive_int(value[0], name), _positive_int(value[1], name))
-
-
-def _positive_float(value: object, name: str) -> float:
-    if not isinstance(value, Real) or isinstance(value, bool):
-        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name}: expected a finite positive number, got {value}")
-    return float(value)
+    if len(image_shape) != 3:
+        raise ValueError(f"image_shape: expected (C, H, W), got {image_shape}")
+    return tuple(positive_int(s, "image_shape") for s in image_shape)
 
 
 def _binary_mask(mask: object, name: str, shapes: dict[int, str]) -> Tensor:
@@ -184,10 +157,10 @@ class GaussianBlur(LinearOperator):
     """
 
     def __init__(self, sigma: float, kernel_size: int | None = None) -> None:
-        self.sigma = _positive_float(sigma, "sigma")
+        self.sigma = positive_float(sigma, "sigma")
         if kernel_size is None:
             kernel_size = 2 * math.ceil(3 * self.sigma) + 1
-        self.kernel_size = _positive_int(kernel_size, "kernel_size")
+        self.kernel_size = positive_int(kernel_size, "kernel_size")
         if self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size: expected an odd int, got {self.kernel_size}")
 
@@ -252,9 +225,9 @@ class FourierSubsample(LinearOperator):
     is_complex = True
 
     def __init__(self, k: int, *, image_size: tuple[int, int] | None = None) -> None:
-        self.k = _positive_int(k, "k")
+        self.k = positive_int(k, "k")
         if image_size is not None:
-            image_size = _image_size(image_size, "image_size")
+            image_size = height_width(image_size, "image_size")
             self._check_k(image_size, "image_size")
         self.image_size = image_size
 
@@ -285,7 +258,7 @@ class FourierSubsample(LinearOperator):
         if image_size is None:
             raise ValueError("image_size: A_adjoint needs the image size (H, W); pass image_size to "
                              "FourierSubsample(...) or to A_adjoint, got None")
-        h, w = _image_size(image_size, "image_size")
+        h, w = height_width(image_size, "image_size")
         self._check_k((h, w), "image_size")
         b, c = y.shape[:2]
         rows = y.new_zeros(b, c, self.k, w).index_copy(-1, self._indices(w, y.device), y)
@@ -333,7 +306,7 @@ class Inpainting(LinearOperator):
         """(C, H, W) -> (C, H, W)."""
         c, h, w = _check_image_shape(image_shape)
         if tuple(self.mask.shape[-2:]) != (h, w) or (self.mask.ndim == 3 and self.mask.shape[0] != c):
-            raise ValueError(f"image_shape: expected {_format_shape(self._expected()[1:])}, got {(c, h, w)}")
+            raise ValueError(f"image_shape: expected {format_shape(self._expected()[1:])}, got {(c, h, w)}")
         return (c, h, w)
 
     def __repr__(self) -> str:
@@ -371,7 +344,7 @@ class FourierMask(LinearOperator):
         """(C, H, W) -> (C, H, W)."""
         c, h, w = _check_image_shape(image_shape)
         if (h, w) != tuple(self.mask.shape):
-            expected = _format_shape(("C", *self.mask.shape))
+            expected = format_shape(("C", *self.mask.shape))
             raise ValueError(f"image_shape: expected {expected}, got {(c, h, w)}")
         return (c, h, w)
 
@@ -410,8 +383,8 @@ class Interferometer(LinearOperator):
         self.uv = uv.to(device="cpu", dtype=torch.float64)
         if not bool(torch.isfinite(self.uv).all()):
             raise ValueError("uv: expected finite values, got NaN or inf")
-        self.npix = _positive_int(npix, "npix")
-        self.fov = _positive_float(fov, "fov")
+        self.npix = positive_int(npix, "npix")
+        self.fov = positive_float(fov, "fov")
         self.pixel_size = self.fov / self.npix
         self._matrix = self._build_matrix()
         self._cache: dict[tuple[torch.dtype, torch.device], Tensor] = {}

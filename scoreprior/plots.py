@@ -19,6 +19,7 @@ except ImportError as err:  # a dependency of scoreprior, missing only from a br
     raise ImportError("scoreprior.plots needs matplotlib, a dependency of scoreprior: reinstall it "
                       "(`pip install -e .` in a clone)") from err
 
+from scoreprior._checks import positive_int
 from scoreprior.diagnostics import binomial_band, linear_fit
 
 __all__ = ["coverage_figure", "demo_report_figure", "logprob_scatter", "loss_figure", "posterior_figure", "sample_grid", "sbc_ecdf_figure",
@@ -203,8 +204,7 @@ def sample_grid(samples: object, *, ncols: int = 8, titles: Sequence[str] | None
     samples = _numpy(samples)
     if samples.ndim != 4 or samples.shape[0] == 0:
         raise ValueError(f"samples: expected shape (n, C, H, W) with n >= 1, got {samples.shape}")
-    if isinstance(ncols, bool) or not isinstance(ncols, int) or ncols < 1:
-        raise ValueError(f"ncols: expected a positive integer, got {ncols!r}")
+    positive_int(ncols, "ncols")
     n = samples.shape[0]
     if titles is not None and len(titles) != n:
         raise ValueError(f"titles: expected {n} titles, one per image, got {len(titles)}")
@@ -322,8 +322,9 @@ def sbc_ecdf_figure(ecdfs: Mapping[str, Mapping[str, object]], *, ncols: int = 3
     one hump of one sign.
     Returns the Figure with exactly len(ecdfs) axes.
     """
-    if not ecdfs or isinstance(ncols, bool) or not isinstance(ncols, int) or ncols < 1:
-        raise ValueError(f"ecdfs, ncols: expected at least one entry and a positive ncols, got {len(ecdfs)}, {ncols!r}")
+    if not ecdfs:
+        raise ValueError("ecdfs: expected at least one entry, got none")
+    positive_int(ncols, "ncols")
     n = len(ecdfs)
     ncols = min(ncols, n)
     nrows = math.ceil(n / ncols)

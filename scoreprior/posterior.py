@@ -29,7 +29,6 @@ from __future__ import annotations
 import inspect
 import math
 import os
-from numbers import Integral, Real
 from pathlib import Path
 
 import normflows as nf
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from scoreprior.operators import _positive_float, _positive_int
+from scoreprior._checks import batch_shape, choice, integer, nonnegative_int, number, positive_float, positive_int
 from scoreprior.priors import GaussianPrior
 from scoreprior.training import atomic_save, check_weights, read_checkpoint_file, weights_sha256
 
@@ -46,15 +45,6 @@ __all__ = ["DPI", "FitDiverged"]
 
 _HISTORY_KEYS = ("loss", "nll", "neg_log_prior", "log_q", "flux_penalty", "skipped")
 _CHECKPOINT_FORMAT = "scoreprior.DPI/1"
-
-
-def _nonnegative_float(value: object, name: str) -> float:
-    """value as a float, checked finite and >= 0; TypeError/ValueError naming `name`."""
-    if not isinstance(value, Real) or isinstance(value, bool):
-        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name}: expected a finite non-negative number, got {value}")
-    return float(value)
 
 
 class FitDiverged(RuntimeError):
@@ -182,20 +172,18 @@ class DPI(nn.Module):
         super().__init__()
         if not isinstance(image_shape, (tuple, list, torch.Size)) or len(image_shape) == 0:
             raise ValueError(f"image_shape: expected a non-empty tuple of positive integers, got {image_shape!r}")
-        self.image_shape = tuple(_positive_int(s, "image_shape") for s in image_shape)
+        self.image_shape = tuple(positive_int(s, "image_shape") for s in image_shape)
         d = math.prod(self.image_shape)
         if d < 2:
             raise ValueError(f"image_shape: expected at least 2 pixels, got {self.image_shape}")
-        self.n_flows = _positive_int(n_flows, "n_flows")
-        self.hidden = max(64, d // 8) if hidden is None else _positive_int(hidden, "hidden")
-        if not isinstance(seed, Integral) or isinstance(seed, bool):
-            raise TypeError(f"seed: expected an integer, got {type(seed).__name__}")
-        self.seed = int(seed)
+        self.n_flows = positive_int(n_flows, "n_flows")
+        self.hidden = max(64, d // 8) if hidden is None else positive_int(hidden, "hidden")
+        self.seed = integer(seed, "seed")
         self.positive = bool(positive)
-        self.flux = None if flux is None else _positive_float(flux, "flux")
+        self.flux = None if flux is None else positive_float(flux, "flux")
         if init_scale is None:
             init_scale = self.flux / (0.8 * d) if (self.positive and self.flux is not None) else 1.0
-        init_scale = _positive_float(init_scale, "init_scale")
+        init_scale = positive_float(init_scale, "init_scale")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
         self.dim = d
@@ -277,7 +265,7 @@ class DPI(nn.Module):
         generator: for reproducible draws; must live on the flow's device.
         Returns x (n, *image_shape) and log_q (n,), in nats, the flow's dtype and device.
         """
-        n = _positive_int(n, "n")
+        n = positive_int(n, "n")
         z = torch.randn(n, self.dim, generator=generator, device=self.device, dtype=self.dtype)
         x, log_det = self(z)
         return x, self.flow.q0.log_prob(z) - log_det
@@ -290,8 +278,7 @@ class DPI(nn.Module):
         """
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise TypeError(f"x: expected a floating-point tensor, got {type(x).__name__}")
-        if tuple(x.shape[1:]) != self.image_shape or x.ndim < 2:
-            raise ValueError(f"x: expected shape (B, {', '.join(map(str, self.image_shape))}), got {tuple(x.shape)}")
+        batch_shape(x, "x", self.image_shape)
         flat = x.reshape(x.shape[0], -1).to(device=self.device, dtype=self.dtype)
         if not self.positive:
             return self.flow.log_prob(flat)
@@ -308,8 +295,8 @@ class DPI(nn.Module):
         Accumulated in float64 around the first batch's mean, in batches of `batch_size` draws.
         Returns mean, std: (*image_shape) each, the flow's dtype.
         """
-        n = _positive_int(n, "n")
-        batch_size = _positive_int(batch_size, "batch_size")
+        n = positive_int(n, "n")
+        batch_size = positive_int(batch_size, "batch_size")
         if n < 2:
             raise ValueError(f"n: expected at least 2 draws for a standard deviation, got {n}")
         shift = None
@@ -403,26 +390,24 @@ class DPI(nn.Module):
         validate = getattr(likelihood, "validate", None)
         if validate is not None:
             validate(self.image_shape)
-        steps = _positive_int(steps, "steps")
-        batch_size = _positive_int(batch_size, "batch_size")
-        lr = _positive_float(lr, "lr")
-        if not isinstance(warmup, Integral) or warmup < 0:
-            raise ValueError(f"warmup: expected a non-negative integer, got {warmup!r}")
-        if schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule: expected 'cosine' or 'constant', got {schedule!r}")
+        steps = positive_int(steps, "steps")
+        batch_size = positive_int(batch_size, "batch_size")
+        lr = positive_float(lr, "lr")
+        warmup = nonnegative_int(warmup, "warmup")
+        choice(schedule, "schedule", ("cosine", "constant"))
         if grad_clip is not None:
-            grad_clip = _positive_float(grad_clip, "grad_clip")
-        data_weight = _nonnegative_float(data_weight, "data_weight")
-        prior_weight = _nonnegative_float(prior_weight, "prior_weight")
+            grad_clip = positive_float(grad_clip, "grad_clip")
+        data_weight = number(data_weight, "data_weight", low=0.0, low_open=False)
+        prior_weight = number(prior_weight, "prior_weight", low=0.0, low_open=False)
         if flux_weight is not None:
-            flux_weight = _nonnegative_float(flux_weight, "flux_weight")
+            flux_weight = number(flux_weight, "flux_weight", low=0.0, low_open=False)
         elif self.flux is not None:
             flux_weight = 1.0 / (2.0 * (0.01 * self.flux) ** 2)
         if not isinstance(path_gradient, bool):
             raise TypeError(f"path_gradient: expected True or False, got {path_gradient!r}")
-        checkpoint_every = _positive_int(checkpoint_every, "checkpoint_every")
-        max_consecutive_skips = _positive_int(max_consecutive_skips, "max_consecutive_skips")
-        log_every = _positive_int(log_every, "log_every")
+        checkpoint_every = positive_int(checkpoint_every, "checkpoint_every")
+        max_consecutive_skips = positive_int(max_consecutive_skips, "max_consecutive_skips")
+        log_every = positive_int(log_every, "log_every")
         if generator is None:
             generator = torch.Generator(device=self.device).manual_seed(self.seed)
         elif not isinstance(generator, torch.Generator):

@@ -11,8 +11,8 @@ import math
 import torch
 from torch import Tensor
 
+from scoreprior._checks import batch_shape, positive_float
 from scoreprior.likelihood import ClosureLikelihood, GaussianLikelihood
-from scoreprior.scores import _check_batch
 
 __all__ = ["GaussianPrior", "gaussian_posterior", "reference_posterior"]
 
@@ -72,8 +72,7 @@ class GaussianPrior:
                             f"{getattr(images, 'shape', type(images).__name__)}")
         if images.shape[0] < 2:
             raise ValueError(f"images: expected at least 2 images for a covariance, got {images.shape[0]}")
-        if not (isinstance(floor, (int, float)) and math.isfinite(floor) and floor > 0):
-            raise ValueError(f"floor: expected a positive finite number, got {floor!r}")
+        floor = positive_float(floor, "floor")
         flat = images.detach().reshape(images.shape[0], -1).double()
         cov = torch.cov(flat.T) + floor * torch.eye(flat.shape[1], dtype=flat.dtype, device=flat.device)
         return cls(flat.mean(0).reshape(images.shape[1:]), cov)
@@ -88,7 +87,7 @@ class GaussianPrior:
 
         log p = -1/2 (x - mean)^T cov^{-1} (x - mean) - sum log diag L - (d / 2) log 2π, cov = L L^T.
         """
-        _check_batch(x, self.event_shape)
+        batch_shape(x, "x", self.event_shape)
         chol = self.scale_tril.to(x.device)
         diff = x.reshape(x.shape[0], -1).to(chol.dtype) - self.mean.to(x.device).reshape(1, -1)
         white = torch.linalg.solve_triangular(chol, diff.mT, upper=False)

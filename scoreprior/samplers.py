@@ -18,21 +18,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from scoreprior._checks import choice, nonnegative_int, number, positive_float, positive_int, sampler_options
 from scoreprior.likelihood import ClosureLikelihood, GaussianLikelihood
 from scoreprior.sde import SDE, per_sample
 
 __all__ = ["sample_prior", "dps", "score_ald", "sde_projection"]
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
-
-
-def _check_options(n: int, steps: int, t0: float, sde: SDE) -> None:
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n: expected a positive int, got {n!r}")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: expected a positive int, got {steps!r}")
-    if not 0 < t0 < sde.T:
-        raise ValueError(f"t0: expected 0 < t0 < T = {sde.T}, got {t0!r}")
 
 
 def _check_likelihood(likelihood: object, event_shape: tuple[int, ...], *, linear: str | None = None) -> None:
@@ -120,9 +112,8 @@ def sample_prior(
     steps: number of uniform steps from T to t0; no final denoising step is taken.
     Returns (n, *event_shape) samples of x_t0.
     """
-    _check_options(n, steps, t0, sde)
-    if method not in ("sde", "ode"):
-        raise ValueError(f"method: expected 'sde' or 'ode', got {method!r}")
+    sampler_options(n, steps, t0, sde.T)
+    choice(method, "method", ("sde", "ode"))
     x = sde.prior_sample((n, *event_shape), generator=generator, device=device, dtype=dtype)
     guard = _Guard("sample_prior", x, steps, f"method={method!r}")
     ts = _time_grid(sde, steps, t0, x.dtype, x.device)
@@ -167,10 +158,9 @@ def dps(
     (B, *event_shape) images, or any object with `residual(x) -> (B, M)` (e.g. `ClosureLikelihood`). zeta: guidance weight, ≥ 0 (public code: 0.3–1.0).
     Returns (n, *event_shape) approximate posterior samples of x_t0.
     """
-    _check_options(n, steps, t0, sde)
+    sampler_options(n, steps, t0, sde.T)
     _check_likelihood(likelihood, event_shape)
-    if not zeta >= 0:
-        raise ValueError(f"zeta: expected a non-negative number, got {zeta!r}")
+    number(zeta, "zeta", low=0.0, low_open=False)
     x = sde.prior_sample((n, *event_shape), generator=generator, device=device, dtype=dtype)
     guard = _Guard("dps", x, steps, f"zeta={zeta}")
     ts = _time_grid(sde, steps, t0, x.dtype, x.device)
@@ -236,14 +226,11 @@ def score_ald(
         ε_c < 2 / (largest eigenvalue of the posterior precision at level c).
     Returns (n, *event_shape) approximate posterior samples of x_t_L.
     """
-    _check_options(n, n_levels, t0, sde)
+    sampler_options(n, n_levels, t0, sde.T, steps_name="n_levels")
     _check_likelihood(likelihood, event_shape, linear="score_ald")
-    if not isinstance(steps_per_level, int) or steps_per_level < 1:
-        raise ValueError(f"steps_per_level: expected a positive int, got {steps_per_level!r}")
-    if not lr > 0:
-        raise ValueError(f"lr: expected a positive number, got {lr!r}")
-    if not gamma >= 0:
-        raise ValueError(f"gamma: expected a non-negative number, got {gamma!r}")
+    positive_int(steps_per_level, "steps_per_level")
+    positive_float(lr, "lr")
+    number(gamma, "gamma", low=0.0, low_open=False)
     std_y = likelihood.noise.std if hasattr(likelihood.noise, "std") else None
     if std_y is None or not bool((std_y == std_y.flatten()[0]).all()):
         raise ValueError("likelihood: score_ald needs a scalar noise std (sigma a positive number)")
@@ -336,15 +323,12 @@ def sde_projection(
     snr: corrector signal-to-noise ratio ≥ 0 (0: no corrector); n_corrector: corrector steps per time.
     Returns (n, *event_shape) approximate posterior samples of x_t0.
     """
-    _check_options(n, steps, t0, sde)
+    sampler_options(n, steps, t0, sde.T)
     _check_likelihood(likelihood, event_shape, linear="sde_projection")
-    if not 0 <= lam <= 1:
-        raise ValueError(f"lam: expected a number in [0, 1], got {lam!r}")
-    if not snr >= 0:
-        raise ValueError(f"snr: expected a non-negative number, got {snr!r}")
-    for name, value in (("n_corrector", n_corrector), ("cg_iters", cg_iters)):
-        if not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
+    number(lam, "lam", low=0.0, high=1.0, low_open=False)
+    number(snr, "snr", low=0.0, low_open=False)
+    nonnegative_int(n_corrector, "n_corrector")
+    nonnegative_int(cg_iters, "cg_iters")
     operator = likelihood.operator
     x = sde.prior_sample((n, *event_shape), generator=generator, device=device, dtype=dtype)
     y = likelihood.y.to(x.device)

@@ -12,14 +12,10 @@ import math
 import torch
 from torch import Tensor
 
+from scoreprior._checks import batch_shape
 from scoreprior.sde import SDE, batch_times
 
 __all__ = ["GaussianScore", "GaussianMixtureScore"]
-
-
-def _check_batch(x: Tensor, event_shape: torch.Size) -> None:
-    if x.ndim < 1 or x.shape[1:] != event_shape:
-        raise ValueError(f"x: expected shape (B, {', '.join(map(str, event_shape))}), got {tuple(x.shape)}")
 
 
 class GaussianScore:
@@ -52,7 +48,7 @@ class GaussianScore:
 
     def _marginal(self, x: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]:
         """Residual in the eigenbasis (B, d) and marginal eigenvalues (B, d) at time t."""
-        _check_batch(x, self.event_shape)
+        batch_shape(x, "x", self.event_shape)
         t = batch_times(t, x).to(self.mean.dtype)
         a, s = self.sde.marginal(t)
         xf = x.reshape(x.shape[0], -1).to(self.mean.dtype)

@@ -13,6 +13,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
+from scoreprior._checks import choice, positive_float
+
 __all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "batch_times", "register_sde", "sde_from_config"]
 
 
@@ -139,10 +141,9 @@ class VPSDE(SDE):
     """
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
-        if not 0 < beta_min <= beta_max:
-            raise ValueError(f"beta_min, beta_max: need 0 < beta_min <= beta_max, got {beta_min}, {beta_max}")
-        self.beta_min = float(beta_min)
-        self.beta_max = float(beta_max)
+        self.beta_min, self.beta_max = positive_float(beta_min, "beta_min"), positive_float(beta_max, "beta_max")
+        if self.beta_min > self.beta_max:
+            raise ValueError(f"beta_min, beta_max: need beta_min <= beta_max, got {beta_min}, {beta_max}")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(beta_min={self.beta_min}, beta_max={self.beta_max})"
@@ -209,10 +210,9 @@ class VESDE(SDE):
     """
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0):
-        if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"sigma_min, sigma_max: need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-        self.sigma_min = float(sigma_min)
-        self.sigma_max = float(sigma_max)
+        self.sigma_min, self.sigma_max = positive_float(sigma_min, "sigma_min"), positive_float(sigma_max, "sigma_max")
+        if self.sigma_min >= self.sigma_max:
+            raise ValueError(f"sigma_min, sigma_max: need sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
         self._log_ratio = math.log(self.sigma_max / self.sigma_min)
 
     def __repr__(self) -> str:
@@ -260,7 +260,5 @@ def register_sde(cls: type) -> type:
 
 def sde_from_config(config: dict) -> SDE:
     """Rebuild an SDE (or a process registered with `register_sde`) from its `config()`; unknown kinds raise ValueError."""
-    kind = config.get("kind")
-    if kind not in _KINDS:
-        raise ValueError(f"config['kind']: expected one of {sorted(_KINDS)}, got {kind!r}")
+    kind = choice(config.get("kind"), "config['kind']", sorted(_KINDS))
     return _KINDS[kind](**{k: v for k, v in config.items() if k != "kind"})

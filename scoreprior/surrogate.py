@@ -50,6 +50,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from scoreprior._checks import number, positive_int
 from scoreprior.density import ScoreFn, check_images
 from scoreprior.sde import SDE, per_sample
 
@@ -86,18 +87,19 @@ class SurrogatePrior:
     ):
         if not callable(score):
             raise TypeError(f"score: expected a callable score(x, t), got {type(score).__name__}")
-        if not (isinstance(t0, (int, float)) and 0.0 < t0 < sde.T):
-            raise ValueError(f"t0: expected 0 < t0 < {sde.T}, got {t0!r}")
-        for name, n in (("n_time_samples", n_time_samples), ("n_noise_samples", n_noise_samples)):
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {n!r}")
+        t0 = number(t0, "t0", low=0.0, high=sde.T, high_open=True)
+        try:
+            n_time_samples = positive_int(n_time_samples, "n_time_samples")
+            n_noise_samples = positive_int(n_noise_samples, "n_noise_samples")
+        except TypeError as err:  # SurrogatePrior's contract (and its tests): ValueError, for a bool or float too
+            raise ValueError(str(err)) from None
         if not isinstance(importance_sampling, bool):
             raise ValueError(f"importance_sampling: expected True or False, got {importance_sampling!r}")
         if terminal_log_prob is not None and not callable(terminal_log_prob):
             raise TypeError(f"terminal_log_prob: expected a callable, got {type(terminal_log_prob).__name__}")
         self.score = score
         self.sde = sde
-        self.t0 = float(t0)
+        self.t0 = t0
         self.n_time_samples = n_time_samples
         self.n_noise_samples = n_noise_samples
         self.importance_sampling = importance_sampling

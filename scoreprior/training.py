@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from scoreprior._checks import batch_shape, choice, nonnegative_int, number, positive_float, positive_int
 from scoreprior.density import ScorePrior
 from scoreprior.distributed import broadcast_from_rank0, gather_ordered, item_seed, rank_and_world
 from scoreprior.nets import build_net, register_net
@@ -140,8 +141,7 @@ class GaussianResidualNet(nn.Module):
         return ((flat @ self.eigvecs) * gain @ self.eigvecs.mT).reshape(x.shape)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        if x.shape[1:] != self.mean.shape:
-            raise ValueError(f"x: expected shape (B, {', '.join(map(str, self.mean.shape))}), got {tuple(x.shape)}")
+        batch_shape(x, "x", self.mean.shape)
         return self.gaussian_noise(x, t) + self.net(x, t)
 
     def config(self) -> dict:
@@ -192,12 +192,9 @@ def dsm_loss(
     """
     if x0.ndim < 2 or x0.shape[0] == 0:
         raise ValueError(f"x0: expected a non-empty batch (B, *event_shape), got {tuple(x0.shape)}")
-    if not 0.0 <= eps < 1.0:
-        raise ValueError(f"eps: expected a number in [0, 1), got {eps}")
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"reduction: expected 'mean' or 'none', got {reduction!r}")
-    if time_sampling not in TIME_SAMPLINGS:
-        raise ValueError(f"time_sampling: expected one of {TIME_SAMPLINGS}, got {time_sampling!r}")
+    number(eps, "eps", low=0.0, high=1.0, low_open=False, high_open=True)
+    choice(reduction, "reduction", ("mean", "none"))
+    choice(time_sampling, "time_sampling", TIME_SAMPLINGS)
     b = x0.shape[0]
     u = torch.rand(b, generator=generator, device=x0.device, dtype=x0.dtype)
     if time_sampling == "uniform":
@@ -221,10 +218,8 @@ class EMA:
     """
 
     def __init__(self, module: nn.Module, decay: float = 0.999):
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay: expected a number in [0, 1), got {decay}")
         self.module = module
-        self.decay = float(decay)
+        self.decay = number(decay, "decay", low=0.0, high=1.0, low_open=False, high_open=True)
         self.num_updates = 0
         self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
         self._param_names = {name for name, _ in module.named_parameters()}
@@ -286,21 +281,15 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("steps", "warmup", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: expected a non-negative integer, got {getattr(self, name)}")
+            nonnegative_int(getattr(self, name), name)
         for name in ("batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr: expected a positive number, got {self.lr}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"grad_clip: expected a positive number or None, got {self.grad_clip}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay: expected a number in [0, 1), got {self.ema_decay}")
-        if self.time_sampling not in TIME_SAMPLINGS:
-            raise ValueError(f"time_sampling: expected one of {TIME_SAMPLINGS}, got {self.time_sampling!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule: expected one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+            positive_int(getattr(self, name), name)
+        positive_float(self.lr, "lr")
+        if self.grad_clip is not None:
+            positive_float(self.grad_clip, "grad_clip")
+        number(self.ema_decay, "ema_decay", low=0.0, high=1.0, low_open=False, high_open=True)
+        choice(self.time_sampling, "time_sampling", TIME_SAMPLINGS)
+        choice(self.lr_schedule, "lr_schedule", LR_SCHEDULES)
 
     def learning_rate(self, step: int) -> float:
         """The learning rate of step `step` (0-based): linear warm-up, then the schedule."""

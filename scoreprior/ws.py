@@ -27,11 +27,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from scoreprior._checks import choice, height_width, number, sampler_options
 from scoreprior.diagnostics import psnr, ssim
 from scoreprior.likelihood import DiagonalCovariance, FourierDiagonalCovariance, GaussianLikelihood
 from scoreprior.nets import build_net
 from scoreprior.operators import Identity, LinearOperator
-from scoreprior.samplers import _check_options, _Guard
+from scoreprior.samplers import _Guard
 from scoreprior.sde import VPSDE, batch_times, per_sample, register_sde, sde_from_config
 from scoreprior.training import NoisePredictionScore, load_checkpoint
 
@@ -52,21 +53,6 @@ def _frequency_radius(size: tuple[int, int], dtype: torch.dtype = torch.float64)
     return torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2)
 
 
-def _check_size(size: object) -> tuple[int, int]:
-    if not isinstance(size, (tuple, list)) or len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
-        raise ValueError(f"size: expected (H, W) with positive ints, got {size!r}")
-    return int(size[0]), int(size[1])
-
-
-def _check_number(value: object, name: str, *, low: float, high: float = math.inf, strict_low: bool = True) -> float:
-    if not isinstance(value, Real) or isinstance(value, bool):
-        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
-    ok = (value > low if strict_low else value >= low) and value <= high and math.isfinite(value)
-    if not ok:
-        raise ValueError(f"{name}: expected a number in {'(' if strict_low else '['}{low}, {high}], got {value}")
-    return float(value)
-
-
 def gaussian_spectrum(size: tuple[int, int], width: float) -> Tensor:
     """Gaussian low-pass kappa(f) = exp(-2 pi^2 width^2 |f|^2), kappa(0) = 1: (H, W) float64 on the fft2 grid.
 
@@ -74,8 +60,8 @@ def gaussian_spectrum(size: tuple[int, int], width: float) -> Tensor:
     continuous Fourier transform, f in cycles per pixel), the noise filter of the paper's released code.
     size: (H, W); width: kernel std in pixels, > 0.
     """
-    width = _check_number(width, "width", low=0.0)
-    return torch.exp(-2 * math.pi**2 * width**2 * _frequency_radius(_check_size(size)) ** 2)
+    width = number(width, "width", low=0.0)
+    return torch.exp(-2 * math.pi**2 * width**2 * _frequency_radius(height_width(size, "size")) ** 2)
 
 
 def power_law_spectrum(size: tuple[int, int], alpha: float) -> Tensor:
@@ -84,8 +70,8 @@ def power_law_spectrum(size: tuple[int, int], alpha: float) -> Tensor:
     The noise power spectrum is kappa^2 ~ |f|^(-2 alpha). f_1 = 1 / max(H, W) is the lowest non-zero
     frequency; the zero frequency gets kappa(f_1) = 1 instead of infinity. size: (H, W); alpha >= 0.
     """
-    alpha = _check_number(alpha, "alpha", low=0.0, strict_low=False)
-    size = _check_size(size)
+    alpha = number(alpha, "alpha", low=0.0, low_open=False)
+    size = height_width(size, "size")
     f1 = 1.0 / max(size)
     return (_frequency_radius(size).clamp_min(f1) / f1) ** (-alpha)
 
@@ -95,7 +81,7 @@ def mix_white(spectrum: Tensor, white: float) -> Tensor:
 
     The noise covariance becomes (1 - white) K K^T + white I. white: in [0, 1].
     """
-    white = _check_number(white, "white", low=0.0, high=1.0, strict_low=False)
+    white = number(white, "white", low=0.0, high=1.0, low_open=False)
     return torch.sqrt((1 - white) * _check_spectrum(spectrum) ** 2 + white)
 
 
@@ -280,11 +266,11 @@ class WidthConditionedNet(nn.Module):
 
     def __init__(self, net: nn.Module, *, widths: tuple[float, float], width: float | None = None):
         super().__init__()
-        lo, hi = (_check_number(w, "widths", low=0.0) for w in widths)
+        lo, hi = (number(w, "widths", low=0.0) for w in widths)
         if not lo < hi:
             raise ValueError(f"widths: expected lo < hi, got {widths}")
         self.net, self.widths = net, (lo, hi)
-        self.width = 0.5 * (lo + hi) if width is None else _check_number(width, "width", low=0.0)
+        self.width = 0.5 * (lo + hi) if width is None else number(width, "width", low=0.0)
 
     def forward(self, x: Tensor, t: Tensor, width: float | None = None) -> Tensor:
         lo, hi = self.widths
@@ -323,7 +309,7 @@ def load_ws_model(path: str | Path, *, use_ema: bool = True, device: torch.devic
     if width is not None:
         if not isinstance(net, WidthConditionedNet):
             raise ValueError(f"width: the checkpoint's net is not width-conditioned ({type(net).__name__})")
-        net.width = _check_number(width, "width", low=0.0)
+        net.width = number(width, "width", low=0.0)
         process = process.with_width(width)
     return WhitenedScore(net, process)
 
@@ -353,10 +339,8 @@ def ws_loss(
         training of a `WidthConditionedNet`); reduction: "mean" or "none" ((B,) per-sample losses).
     """
     process.check_images(x0, "x0")
-    if not 0.0 <= eps < 1.0:
-        raise ValueError(f"eps: expected a number in [0, 1), got {eps}")
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"reduction: expected 'mean' or 'none', got {reduction!r}")
+    number(eps, "eps", low=0.0, high=1.0, low_open=False, high_open=True)
+    choice(reduction, "reduction", ("mean", "none"))
     kwargs = {}
     if widths is not None:
         lo, hi = widths
@@ -384,7 +368,7 @@ class Haze:
     def __init__(self, spectrum: Tensor, sigma: float, operator: LinearOperator | None = None):
         kappa = _check_spectrum(spectrum)
         self.spectrum = kappa.clamp_min(1e-12 * float(kappa.max()))
-        self.sigma = _check_number(sigma, "sigma", low=0.0)
+        self.sigma = number(sigma, "sigma", low=0.0)
         self.operator = operator if operator is not None else Identity()
 
     def covariance(self, channels: int) -> FourierDiagonalCovariance:
@@ -576,8 +560,7 @@ def ws_sample(
     ts = _check_sampler_options(process, n, event_shape, steps, t0, method, time_grid)
     if residual is None:
         residual = "x" if prior_spectrum is None else "covariance"
-    if residual not in ("x", "tweedie", "covariance"):
-        raise ValueError(f"residual: expected 'x', 'tweedie' or 'covariance', got {residual!r}")
+    choice(residual, "residual", ("x", "tweedie", "covariance"))
     if residual == "covariance" and normalize:
         raise ValueError("normalize: the covariance data step is the likelihood score itself (λ = 1 is Bayes' rule) "
                          "and is never normalised; leave normalize unset")
@@ -587,8 +570,7 @@ def ws_sample(
         raise ValueError(f"prior_spectrum: only residual='covariance' or method='ancestral' use it, got residual="
                          f"{residual!r} and method={method!r}")
     normalize = residual != "covariance" if normalize is None else normalize
-    if init not in ("structured", "white"):
-        raise ValueError(f"init: expected 'structured' or 'white', got {init!r}")
+    choice(init, "init", ("structured", "white"))
     if isinstance(lam, str):
         if lam != "auto":
             raise ValueError(f"lam: expected a number, a callable or 'auto', got {lam!r}")
@@ -600,7 +582,7 @@ def ws_sample(
                                init=init,
                                generator=generator, dtype=dtype, device=device)
     if not callable(lam):
-        _check_number(lam, "lam", low=0.0, strict_low=False)
+        number(lam, "lam", low=0.0, low_open=False)
     schedule = lam if callable(lam) else (lambda t, value=float(lam): value)
     if x_init is not None:
         if not isinstance(x_init, Tensor) or tuple(x_init.shape) != (n, *event_shape):
@@ -654,10 +636,9 @@ def ws_sample(
 def _time_grid(process: WSProcess, steps: int, t0: float, kind: str) -> Tensor:
     """Times T = t_0 > ... > t_steps = t0, (steps + 1,) float64: uniform in t, uniform in log(s / a) ("log_snr"), or
     EDM's (Karras et al. 2022) sigma_i^(1/7) uniform, sigma = s / a ("edm")."""
+    choice(kind, "time_grid", ("uniform", "log_snr", "edm"))
     if kind == "uniform":
         return torch.linspace(process.T, t0, steps + 1, dtype=torch.float64)
-    if kind not in ("log_snr", "edm"):
-        raise ValueError(f"time_grid: expected 'uniform', 'log_snr' or 'edm', got {kind!r}")
     tau = process.vp.log_noise_ratio(torch.tensor([process.T, t0], dtype=torch.float64))
     u = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
     if kind == "log_snr":
@@ -695,11 +676,10 @@ def _ancestral_step(process: WSProcess, x: Tensor, t: Tensor, t_next: float, sco
 def _check_sampler_options(process: WSProcess, n: int, event_shape: tuple, steps: int, t0: float,
                            method: str, time_grid: str) -> Tensor:
     """Check the options; return the time grid (steps + 1,) float64."""
-    _check_options(n, steps, t0, process)
+    sampler_options(n, steps, t0, process.T)
     if len(event_shape) != 3 or tuple(event_shape[1:]) != process.size:
         raise ValueError(f"event_shape: expected (C, {process.size[0]}, {process.size[1]}), got {tuple(event_shape)}")
-    if method not in ("ode", "sde", "ancestral"):
-        raise ValueError(f"method: expected 'ode', 'sde' or 'ancestral', got {method!r}")
+    choice(method, "method", ("ode", "sde", "ancestral"))
     ts = _time_grid(process, steps, t0, time_grid)
     largest = float((process.beta(ts[:-1]) * (ts[:-1] - ts[1:])).max())
     if method != "ancestral" and largest >= 1:
