@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal, Normal
 
+from conftest import OPERATOR_KINDS, make_operator, operator_image_shape
 from scoreprior import eht
 from scoreprior.likelihood import (
     ClosureLikelihood,
@@ -18,11 +19,9 @@ from scoreprior.likelihood import (
     GaussianLikelihood,
 )
 from scoreprior.operators import (
-    FourierMask,
     FourierSubsample,
     GaussianBlur,
     Identity,
-    Inpainting,
     Interferometer,
     uas_to_rad,
 )
@@ -34,24 +33,8 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _mask(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    return torch.rand(shape, generator=_gen(seed)) > 0.4
-
-
-def _interferometer() -> Interferometer:
-    uv = np.random.default_rng(0).uniform(-4e9, 4e9, size=(7, 2))
-    return Interferometer(uv, 6, uas_to_rad(120.0))
-
-
-# name -> (operator factory, image shape (C, H, W))
-OPERATORS = {
-    "identity": (lambda: Identity(), SHAPE),
-    "blur": (lambda: GaussianBlur(1.1), SHAPE),
-    "fourier_subsample": (lambda: FourierSubsample(3, image_size=SHAPE[1:]), SHAPE),
-    "inpainting": (lambda: Inpainting(_mask(SHAPE[1:], 1)), SHAPE),
-    "fourier_mask": (lambda: FourierMask(_mask(SHAPE[1:], 2)), SHAPE),
-    "interferometer": (_interferometer, (1, 6, 6)),
-}
+# name -> image shape (C, H, W): every operator kind, on SHAPE where it can act on it.
+OPERATORS = {kind: operator_image_shape(kind, SHAPE) for kind in OPERATOR_KINDS}
 
 
 def _spectrum(shape: tuple[int, int, int], seed: int) -> torch.Tensor:
@@ -77,8 +60,8 @@ def _dense_fourier_cov(spectrum: torch.Tensor) -> torch.Tensor:
 
 def _likelihood(name: str, sigma_kind: str, seed: int = 0) -> tuple[GaussianLikelihood, tuple[int, ...]]:
     """A likelihood for operator `name` with data from a random image and the given kind of noise."""
-    factory, shape = OPERATORS[name]
-    op = factory()
+    shape = OPERATORS[name]
+    op = make_operator(name, shape, _gen(seed + 4), sigma=1.1)
     x_true = torch.rand((1, *shape), generator=_gen(seed), dtype=torch.float64)
     clean = op.A(x_true)
     if sigma_kind == "scalar":

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import OPERATOR_KINDS, make_operator, operator_image_shape
 from scoreprior.operators import (
     RAD_PER_UAS,
     FourierMask,
@@ -32,18 +33,28 @@ def _mask(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) > 0.4
 
 
-# name -> (operator factory, image shape (C, H, W)); H != W and odd sizes where the operator allows.
+# name -> (kind, image shape (C, H, W), options of make_operator); H != W and odd sizes where the operator
+# allows.
 CASES = {
-    "identity": (lambda: Identity(), (2, 9, 7)),
-    "blur": (lambda: GaussianBlur(1.3), (2, 16, 11)),
-    "blur_wider_than_image": (lambda: GaussianBlur(3.0), (1, 8, 7)),
-    "fourier_subsample_even_k": (lambda: FourierSubsample(6, image_size=(16, 11)), (2, 16, 11)),
-    "fourier_subsample_odd_k": (lambda: FourierSubsample(5, image_size=(9, 12)), (1, 9, 12)),
-    "inpainting_hw_mask": (lambda: Inpainting(_mask((10, 12), 1)), (3, 10, 12)),
-    "inpainting_chw_mask": (lambda: Inpainting(_mask((3, 10, 12), 2).float()), (3, 10, 12)),
-    "fourier_mask": (lambda: FourierMask(_mask((12, 9), 3)), (2, 12, 9)),
-    "interferometer": (lambda: Interferometer(_uv(300, 4), 16, FOV), (1, 16, 16)),
+    "identity": ("identity", (2, 9, 7), {}),
+    "blur": ("blur", (2, 16, 11), dict(sigma=1.3)),
+    "blur_wider_than_image": ("blur", (1, 8, 7), dict(sigma=3.0)),
+    "fourier_subsample_even_k": ("fourier_subsample", (2, 16, 11), dict(k=6)),
+    "fourier_subsample_odd_k": ("fourier_subsample", (1, 9, 12), dict(k=5)),
+    "inpainting_hw_mask": ("inpainting", (3, 10, 12), {}),
+    "inpainting_chw_mask": ("inpainting", (3, 10, 12), dict(per_channel=True)),
+    "fourier_mask": ("fourier_mask", (2, 12, 9), {}),
+    "interferometer": ("interferometer", (1, 16, 16), dict(n_baselines=300)),
 }
+
+
+def _case(name: str) -> tuple[LinearOperator, tuple[int, int, int]]:
+    kind, image_shape, options = CASES[name]
+    return make_operator(kind, image_shape, torch.Generator().manual_seed(3), **options), image_shape
+
+
+def test_cases_cover_every_operator_kind():
+    assert {kind for kind, _, _ in CASES.values()} == set(OPERATOR_KINDS)
 
 
 def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -79,8 +90,8 @@ def _adjoint_errors(op: LinearOperator, image_shape, dtype) -> tuple[float, floa
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 @pytest.mark.parametrize("name", list(CASES))
 def test_adjointness(name, dtype, tol):
-    factory, image_shape = CASES[name]
-    normalised, plain = _adjoint_errors(factory(), image_shape, dtype)
+    op, image_shape = _case(name)
+    normalised, plain = _adjoint_errors(op, image_shape, dtype)
     assert normalised <= tol
     # With random vectors the plain ratio is noisier; it still has to be small.
     assert plain <= 100 * tol
@@ -89,8 +100,7 @@ def test_adjointness(name, dtype, tol):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", list(CASES))
 def test_shapes_dtypes_and_call(name, dtype):
-    factory, image_shape = CASES[name]
-    op = factory()
+    op, image_shape = _case(name)
     x = torch.randn((2, *image_shape), dtype=dtype, generator=torch.Generator().manual_seed(1))
     y = op(x)
     assert y.shape == (2, *op.measurement_shape(image_shape))
@@ -104,8 +114,7 @@ def test_shapes_dtypes_and_call(name, dtype):
 @pytest.mark.parametrize("name", list(CASES))
 def test_gradients_match_adjoint(name):
     """d/dx sum |A x|^2 = 2 A^H A x, and d/dy <A_adjoint y, z> = A z (PyTorch's complex gradient)."""
-    factory, image_shape = CASES[name]
-    op = factory()
+    op, image_shape = _case(name)
     gen = torch.Generator().manual_seed(2)
     x = torch.randn((2, *image_shape), dtype=torch.float64, generator=gen).requires_grad_()
     (op.A(x).abs() ** 2).sum().backward()
@@ -117,17 +126,11 @@ def test_gradients_match_adjoint(name):
     torch.testing.assert_close(y.grad, op.A(z), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize(
-    "op, image_shape",
-    [
-        (GaussianBlur(0.8, kernel_size=3), (1, 5, 4)),
-        (FourierSubsample(3), (1, 4, 5)),
-        (FourierMask(_mask((4, 5), 5)), (1, 4, 5)),
-        (Interferometer(_uv(7, 6), 4, FOV), (1, 4, 4)),
-    ],
-)
-def test_gradcheck(op, image_shape):
+@pytest.mark.parametrize("kind", OPERATOR_KINDS)
+def test_gradcheck(kind):
     """Autograd against finite differences (fast mode: random directions, seconds cheaper for FFTs)."""
+    image_shape = operator_image_shape(kind, (1, 5, 4))
+    op = make_operator(kind, image_shape, torch.Generator().manual_seed(5), sigma=0.8, kernel_size=3)
     x = torch.randn((2, *image_shape), dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     assert torch.autograd.gradcheck(op.A, (x.requires_grad_(),), fast_mode=True)
 
@@ -362,8 +365,7 @@ def test_interferometer_on_grid_frequencies_agree_with_fft():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", list(CASES))
 def test_operators_follow_the_device(name):
-    factory, image_shape = CASES[name]
-    op = factory()
+    op, image_shape = _case(name)
     x = torch.randn((2, *image_shape), generator=torch.Generator().manual_seed(16)).cuda()
     y = op.A(x)
     assert y.device == x.device and op.A_adjoint(y).device == x.device
