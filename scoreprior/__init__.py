@@ -19,6 +19,7 @@ from scoreprior.nets import MLP, UNet, build_net
 from scoreprior.posterior import DPI, FitDiverged
 from scoreprior.pretrained import available_priors, pretrained
 from scoreprior.priors import GaussianPrior, gaussian_posterior, reference_posterior
+from scoreprior.protocols import Likelihood, Prior
 from scoreprior.samplers import dps, sample_prior, score_ald, sde_projection
 from scoreprior.scores import GaussianMixtureScore, GaussianScore
 from scoreprior.sde import SDE, VESDE, SubVPSDE, VPSDE, sde_from_config
@@ -27,19 +28,21 @@ from scoreprior.training import (
     EMA, GaussianResidualNet, NoisePredictionScore, TrainConfig, TrainResult, dsm_loss, load_checkpoint, load_prior, save_checkpoint,
     train_score_model,
 )
-from scoreprior.ws import Haze, WhitenedScore, WSProcess, load_ws_model, sweep_lambda, ws_loss, ws_sample
+from scoreprior.ws import (
+    Haze, WhitenedScore, WSProcess, load_ws_model, power_spectrum, sweep_lambda, ws_loss, ws_sample,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SDE", "VPSDE", "SubVPSDE", "VESDE", "sde_from_config",
     "GaussianScore", "GaussianMixtureScore",
-    "ScorePrior", "bits_per_dim", "SurrogatePrior", "GaussianPrior", "gaussian_posterior", "reference_posterior",
+    "Prior", "Likelihood", "ScorePrior", "bits_per_dim", "SurrogatePrior", "GaussianPrior", "gaussian_posterior", "reference_posterior",
     "check_posterior", "importance_draws", "PosteriorCheck",
     "GaussianLikelihood", "ClosureLikelihood", "NoiseCovariance", "DiagonalCovariance", "FourierDiagonalCovariance",
     "UNet", "MLP", "build_net", "DPI", "FitDiverged",
     "NoisePredictionScore", "GaussianResidualNet", "EMA", "TrainConfig", "TrainResult", "dsm_loss", "train_score_model",
     "save_checkpoint", "load_checkpoint", "load_prior", "pretrained", "available_priors",
     "sample_prior", "dps", "score_ald", "sde_projection",
-    "WSProcess", "WhitenedScore", "Haze", "ws_loss", "ws_sample", "sweep_lambda", "load_ws_model",
+    "WSProcess", "WhitenedScore", "Haze", "ws_loss", "ws_sample", "sweep_lambda", "load_ws_model", "power_spectrum",
 ]

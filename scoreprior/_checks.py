@@ -1,11 +1,13 @@
 """The argument validators every public entry point uses: one rule and one message style each.
 
-Each validator returns the value in its plain Python type (int, float, str, tuple) and raises with the
-message "{name}: expected ..., got {value!r}", naming the argument, what it accepts and what it got:
+Each validator returns the value in its plain Python type (int, float, str, tuple, list; a detached
+tensor from `real_tensor`) and raises with the message "{name}: expected ..., got {value!r}", naming the
+argument, what it accepts and what it got (a tensor's or array's type or dtype, not its values):
 - TypeError for a value of the wrong type: a bool anywhere (True is not a count or a scale), a float or
   str where an integer is expected, a str or tensor where a number is expected;
 - ValueError for a value of the right type outside its range: 0, a negative, inf or NaN where the
   argument must be positive, an option that is not among the choices, an (H, W) of the wrong length.
+An object that lacks a member of the contract it is passed as (`implements`) is a TypeError too.
 """
 
 from __future__ import annotations
@@ -14,17 +16,24 @@ import math
 from collections.abc import Sequence
 from numbers import Integral, Real
 
+import numpy as np
+import torch
+from torch import Tensor
+
 __all__ = [
     "batch_shape",
     "choice",
     "format_shape",
     "height_width",
+    "implements",
     "integer",
     "nonnegative_int",
     "number",
+    "number_list",
     "positive_float",
     "positive_int",
     "probability",
+    "real_tensor",
     "sampler_options",
 ]
 
@@ -120,6 +129,26 @@ def choice(value: object, name: str, options: Sequence[str]) -> str:
     return value
 
 
+def number_list(values: object, name: str) -> list[object]:
+    """One number, or a sequence / array / tensor of them flattened, as a non-empty list; the caller checks
+    each value (e.g. `probability`, `positive_float`)."""
+    items = [values] if isinstance(values, Real) else list(torch.as_tensor(values).reshape(-1).tolist())
+    if not items:
+        raise ValueError(f"{name}: expected at least one value, got none")
+    return items
+
+
+def real_tensor(x: object, name: str) -> Tensor:
+    """x as a real floating-point tensor, detached (numpy arrays converted, sharing memory)."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor or numpy array, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected a real floating-point tensor, got dtype {x.dtype}")
+    return x.detach()
+
+
 def height_width(value: object, name: str) -> tuple[int, int]:
     """(H, W): a tuple or list (a torch.Size too) of two integers >= 1, returned as a tuple of ints."""
     expected = "(H, W) with integers H, W >= 1"
@@ -128,6 +157,18 @@ def height_width(value: object, name: str) -> tuple[int, int]:
     if len(value) != 2:
         raise ValueError(f"{name}: expected {expected}, got {value!r}")
     return positive_int(value[0], f"{name}[0]"), positive_int(value[1], f"{name}[1]")
+
+
+def implements(value: object, name: str, protocol: type) -> None:
+    """TypeError unless value has every member of the typing.Protocol `protocol`: its annotated attributes
+    and its methods (callable there); the message names the members value lacks."""
+    attributes = list(vars(protocol).get("__annotations__", {}))
+    methods = [key for key, member in vars(protocol).items() if callable(member) and not key.startswith("_")]
+    missing = [key for key in attributes if not hasattr(value, key)]
+    missing += [key for key in methods if not callable(getattr(value, key, None))]
+    if missing:
+        raise TypeError(f"{name}: expected a {protocol.__module__}.{protocol.__name__} with "
+                        f"{', '.join(attributes + methods)}, got {type(value).__name__} without {', '.join(missing)}")
 
 
 def batch_shape(x: object, name: str, event_shape: Sequence[int]) -> None:

@@ -25,6 +25,7 @@ from scoreprior.likelihood import GaussianLikelihood
 from scoreprior.operators import LinearOperator
 from scoreprior.posterior import DPI
 from scoreprior.priors import GaussianPrior, gaussian_posterior
+from scoreprior.protocols import Prior
 
 __all__ = ["DPIPosterior", "ExactGaussianPosterior", "FUNCTIONALS", "LEVELS", "calibration_metrics",
            "problem_generator", "run_calibration", "run_problem", "write_report"]
@@ -71,7 +72,7 @@ class ExactGaussianPosterior:
 class DPIPosterior:
     """Fits a DPI flow (scoreprior.posterior.DPI) to each problem and draws from it.
 
-    prior: the log-prior DPI trains with (`log_prob(x) -> (B,)`), e.g. a GaussianPrior, SurrogatePrior or
+    prior: the `Prior` DPI trains with (`log_prob(x) -> (B,)`), e.g. a GaussianPrior, SurrogatePrior or
         ScorePrior with `event_shape`. image_shape: (C, H, W).
     steps, batch_size, lr, n_flows, hidden, init_scale, prior_kwargs: as DPI / DPI.fit (warm-up: a tenth of
         the steps, at most 100; cosine decay). The flow's seed, its latents and the prior's randomness (a
@@ -80,7 +81,7 @@ class DPIPosterior:
         in the same process, and the global RNG is not touched.
     """
 
-    def __init__(self, prior: object, image_shape: tuple[int, ...], *, steps: int = 300, batch_size: int = 64,
+    def __init__(self, prior: Prior, image_shape: tuple[int, ...], *, steps: int = 300, batch_size: int = 64,
                  lr: float = 1e-2, n_flows: int = 4, hidden: int = 64, init_scale: float = 0.1,
                  prior_kwargs: dict | None = None) -> None:
         self.prior, self.image_shape = prior, tuple(image_shape)

@@ -29,10 +29,11 @@ from torch import Tensor
 
 from scoreprior.data import BLACKHOLE_FOV_UAS, blackhole_images, ring_radius
 from scoreprior.density import ScorePrior
-from scoreprior.diagnostics import credible_interval, nxcorr, to_datatree
+from scoreprior.diagnostics import credible_interval, to_datatree
 from scoreprior.eht import load_array, uv_coverage
 from scoreprior.importance import importance_draws
 from scoreprior.likelihood import ClosureLikelihood, GaussianLikelihood
+from scoreprior.metrics import nxcorr
 from scoreprior.operators import Interferometer, uas_to_rad
 from scoreprior.posterior import DPI
 from scoreprior.pretrained import pretrained

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from scoreprior._checks import positive_int, probability
 from scoreprior.density import EXACT_MAX_DIM, ScorePrior
+from scoreprior.protocols import Likelihood, Prior
 
 __all__ = ["PosteriorCheck", "check_posterior", "importance_draws"]
 
@@ -42,12 +43,6 @@ NOISE_LIMIT = 1.0
 MIN_DRAWS = 25
 """PSIS fits its tail to floor(S / 5) >= 5 of the largest weights (S <= 225), so S >= 25."""
 NO_LOG_Q = "no log q: importance check not possible for this sampler"
-
-
-class LogDensity(Protocol):
-    """A prior or likelihood: `log_prob(x (B, *image_shape), **options) -> (B,)` in nats."""
-
-    def log_prob(self, x: Tensor, **kwargs: Any) -> Tensor: ...
 
 
 class PosteriorSampler(Protocol):
@@ -231,8 +226,8 @@ def _smooth(log_w: Tensor) -> tuple[Tensor, float]:
 def importance_draws(
     samples: Tensor,
     log_q: Tensor | None,
-    prior: LogDensity,
-    likelihood: LogDensity,
+    prior: Prior,
+    likelihood: Likelihood,
     *,
     log_prob_kwargs: dict[str, Any] | None = None,
     repeats: int = 2,
@@ -243,10 +238,12 @@ def importance_draws(
     """PSIS check of precomputed draws `samples` (n, *image_shape) of q with their log q (n,) in nats.
 
     log w = log p(y | x) + log p_theta(x) - log q(x), smoothed by arviz-stats' psislw (n >= 25).
-    prior: `log_prob(x, **log_prob_kwargs) -> (B,)`; for a ScorePrior the kwargs default to
-        SCORE_PRIOR_KWARGS. With divergence="hutchinson" it runs `repeats` times, repeat r with its own
-        probe generator seeded from `generator`, and the mean is used (see the module docstring).
-    likelihood: `log_prob(x) -> (B,)`. Both run under no_grad in batches of `batch_size` draws.
+    prior: a `Prior` (`scoreprior.protocols`); only `log_prob(x, **log_prob_kwargs) -> (B,)` is called, for a
+        ScorePrior with kwargs defaulting to SCORE_PRIOR_KWARGS. With divergence="hutchinson" it runs
+        `repeats` times, repeat r with its own probe generator seeded from `generator`, and the mean is used
+        (see the module docstring).
+    likelihood: a `Likelihood`; only `log_prob(x) -> (B,)` is called. Both run under no_grad in batches of
+        `batch_size` draws.
     A draw with log p or log p(y | x) = -inf gets weight 0; NaN or +inf raises ValueError.
     log_q None (a sampler without a density): returns a PosteriorCheck with khat nan and no weights.
     Warns (UserWarning, the verdict) when k̂ >= threshold or the median log p noise exceeds 1 nat.
@@ -315,8 +312,8 @@ def importance_draws(
 
 def check_posterior(
     q: PosteriorSampler,
-    prior: LogDensity,
-    likelihood: LogDensity,
+    prior: Prior,
+    likelihood: Likelihood,
     *,
     n: int = 256,
     log_prob_kwargs: dict[str, Any] | None = None,

@@ -14,8 +14,9 @@ Conventions:
   per-measurement std, `FourierDiagonalCovariance` for stationary noise on image-shaped measurements.
 - `ClosureLikelihood` is not of this family: its data are closure phases and log closure amplitudes
   (`scoreprior.eht`), non-linear in x through the visibilities of an `Interferometer`, and immune to
-  station gains. It has the same `log_prob(x) -> (B,)` and `validate` as `GaussianLikelihood`, so DPI,
-  `check_posterior` and `dps` take it; samplers that need a linear A (score_ald, sde_projection) do not.
+  station gains. Like `GaussianLikelihood` it is a `scoreprior.protocols.Likelihood` (`log_prob(x) -> (B,)`,
+  `validate`, `residual`), so DPI, `check_posterior` and `dps` take it; samplers that need a linear A
+  (score_ald, sde_projection) do not.
 """
 
 from __future__ import annotations

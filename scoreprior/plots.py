@@ -20,7 +20,8 @@ except ImportError as err:  # a dependency of scoreprior, missing only from a br
                       "(`pip install -e .` in a clone)") from err
 
 from scoreprior._checks import positive_int
-from scoreprior.diagnostics import binomial_band, linear_fit
+from scoreprior.diagnostics import binomial_band
+from scoreprior.metrics import linear_fit
 
 __all__ = ["coverage_figure", "demo_report_figure", "logprob_scatter", "loss_figure", "posterior_figure", "sample_grid", "sbc_ecdf_figure",
            "summary_figure", "tarp_figure"]
@@ -350,7 +351,7 @@ def logprob_scatter(
     """Scatter of estimated against ground-truth log-densities, the line y = x and the least-squares line.
 
     reference, estimate: (N,) log-densities of the same N points. The title gives the fit's R² and slope
-    (`scoreprior.diagnostics.linear_fit`). Returns the Figure with one axes.
+    (`scoreprior.metrics.linear_fit`). Returns the Figure with one axes.
     """
     x, y = _numpy(reference).astype(float).ravel(), _numpy(estimate).astype(float).ravel()
     fit = linear_fit(x, y)

@@ -37,8 +37,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from scoreprior._checks import batch_shape, choice, integer, nonnegative_int, number, positive_float, positive_int
+from scoreprior._checks import (
+    batch_shape, choice, implements, integer, nonnegative_int, number, positive_float, positive_int,
+)
 from scoreprior.priors import GaussianPrior
+from scoreprior.protocols import Likelihood, Prior
 from scoreprior.training import atomic_save, check_weights, read_checkpoint_file, weights_sha256
 
 __all__ = ["DPI", "FitDiverged"]
@@ -314,8 +317,8 @@ class DPI(nn.Module):
 
     def fit(
         self,
-        prior: object,
-        likelihood: object,
+        prior: Prior,
+        likelihood: Likelihood,
         *,
         steps: int = 2000,
         batch_size: int = 32,
@@ -344,10 +347,10 @@ class DPI(nn.Module):
         constraint outside the KL; flux_weight defaults to 1 / (2 (0.01 F)^2), i.e. a Gaussian of 1% of F.
         With unit weights the loss is KL(q || p(. | y)) - log p(y).
 
-        prior: object with `log_prob(x) -> (B,)` differentiable in x: (B, *image_shape); its optional
-            `event_shape` must equal image_shape.
-        likelihood: object with `log_prob(x) -> (B,)`; `likelihood.validate(image_shape)`, when present, is
-            called first (e.g. GaussianLikelihood checks y against A).
+        prior: a `Prior` (`scoreprior.protocols`), `log_prob(x) -> (B,)` differentiable in x: (B, *image_shape);
+            its `event_shape` must equal image_shape unless it is None.
+        likelihood: a `Likelihood`, `log_prob(x) -> (B,)`; `likelihood.validate(image_shape)` is called first
+            (e.g. GaussianLikelihood checks y against A).
         steps: total number of optimiser steps (a resumed run continues up to it); batch_size: draws per step.
         lr: Adam learning rate, reached by a linear warm-up over `warmup` steps; then kept ("constant",
             as in Feng et al.) or decayed to 0 at `steps` by a half cosine ("cosine": the last steps average
@@ -380,16 +383,12 @@ class DPI(nn.Module):
         loss, nll, neg_log_prior, log_q, flux_penalty (batch means; NaN where not computed) and
         skipped (0 or 1).
         """
-        for obj, name in ((prior, "prior"), (likelihood, "likelihood")):
-            if not callable(getattr(obj, "log_prob", None)):
-                raise TypeError(f"{name}: expected an object with a log_prob(x) method, got {type(obj).__name__}")
-        event_shape = getattr(prior, "event_shape", None)
-        if event_shape is not None and tuple(event_shape) != self.image_shape:
-            raise ValueError(f"prior: event_shape {tuple(event_shape)} does not match the DPI image_shape "
+        implements(prior, "prior", Prior)
+        implements(likelihood, "likelihood", Likelihood)
+        if prior.event_shape is not None and tuple(prior.event_shape) != self.image_shape:
+            raise ValueError(f"prior: event_shape {tuple(prior.event_shape)} does not match the DPI image_shape "
                              f"{self.image_shape}")
-        validate = getattr(likelihood, "validate", None)
-        if validate is not None:
-            validate(self.image_shape)
+        likelihood.validate(self.image_shape)
         steps = positive_int(steps, "steps")
         batch_size = positive_int(batch_size, "batch_size")
         lr = positive_float(lr, "lr")
@@ -471,7 +470,7 @@ class DPI(nn.Module):
         self._check_fitted(history, advice, check)
         return history
 
-    def _prior_options(self, prior: object, prior_kwargs: dict | None, generator: torch.Generator) -> dict:
+    def _prior_options(self, prior: Prior, prior_kwargs: dict | None, generator: torch.Generator) -> dict:
         """prior_kwargs, with `generator` added when prior.log_prob takes one and none was given."""
         options = dict(prior_kwargs or {})
         if "generator" not in options and _accepts_generator(prior.log_prob):
@@ -530,7 +529,7 @@ class DPI(nn.Module):
                 p.requires_grad_(True)
 
     def _loss_terms(
-        self, prior: object, likelihood: object, batch_size: int, generator: torch.Generator,
+        self, prior: Prior, likelihood: Likelihood, batch_size: int, generator: torch.Generator,
         flux_weight: float | None, path_gradient: bool, prior_kwargs: dict,
     ) -> dict[str, Tensor]:
         """Per-sample loss terms on a fresh batch, each (B,); NaN-filled when the flow's draws are not finite."""

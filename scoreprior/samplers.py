@@ -5,9 +5,9 @@ All samplers take a score model `score(x, t) -> same shape as x` (t: (B,)), an `
 Time runs backwards on a uniform grid t_0 = T > t_1 > ... > t_steps = t0.
 Every sampler checks the state after each step and raises FloatingPointError naming the step, the
 time and the guidance weight when it stops being finite or diverges (see `_Guard`).
-`dps` needs only a differentiable misfit (`likelihood.residual`), so it takes a non-linear
-`ClosureLikelihood`; `score_ald` and `sde_projection` use A, A^H and a Gaussian noise model and take only
-a `GaussianLikelihood` (TypeError otherwise).
+`dps` takes any `Likelihood` (`scoreprior.protocols`) and needs only its differentiable misfit
+`residual`, so it takes a non-linear `ClosureLikelihood`; `score_ald` and `sde_projection` use A, A^H and
+a Gaussian noise model and take only a `GaussianLikelihood` (TypeError otherwise).
 """
 
 from __future__ import annotations
@@ -18,8 +18,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from scoreprior._checks import choice, nonnegative_int, number, positive_float, positive_int, sampler_options
-from scoreprior.likelihood import ClosureLikelihood, GaussianLikelihood
+from scoreprior._checks import (
+    choice, implements, nonnegative_int, number, positive_float, positive_int, sampler_options,
+)
+from scoreprior.likelihood import GaussianLikelihood
+from scoreprior.protocols import Likelihood
 from scoreprior.sde import SDE, per_sample
 
 __all__ = ["sample_prior", "dps", "score_ald", "sde_projection"]
@@ -27,22 +30,21 @@ __all__ = ["sample_prior", "dps", "score_ald", "sde_projection"]
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def _check_likelihood(likelihood: object, event_shape: tuple[int, ...], *, linear: str | None = None) -> None:
-    """ValueError naming event_shape when the likelihood's y does not match A on images of that shape.
+def _check_likelihood(likelihood: Likelihood, event_shape: tuple[int, ...], *, linear: str | None = None) -> None:
+    """TypeError unless likelihood is a `Likelihood`; ValueError naming event_shape when the likelihood's y
+    does not match A on images of that shape.
 
     linear: the sampler's name when it needs a linear-Gaussian likelihood (TypeError for any other).
     """
     if linear is not None and not isinstance(likelihood, GaussianLikelihood):
         raise TypeError(f"likelihood: {linear} needs a linear operator and Gaussian noise (a GaussianLikelihood), "
                         f"got {type(likelihood).__name__}; use dps or DPI for non-linear data such as closures")
+    implements(likelihood, "likelihood", Likelihood)
     if not isinstance(event_shape, (tuple, list, torch.Size)) or not all(isinstance(s, int) and s > 0
                                                                       for s in event_shape):
         raise ValueError(f"event_shape: expected a tuple of positive ints like (1, 32, 32), got {event_shape!r}")
-    validate = getattr(likelihood, "validate", None)
-    if validate is None:
-        return
     try:
-        validate(tuple(event_shape))
+        likelihood.validate(tuple(event_shape))
     except (ValueError, RuntimeError) as err:
         raise ValueError(f"event_shape {tuple(event_shape)} does not match the likelihood: {err}") from None
 
@@ -131,7 +133,7 @@ def sample_prior(
 def dps(
     score: ScoreFn,
     sde: SDE,
-    likelihood: GaussianLikelihood | ClosureLikelihood,
+    likelihood: Likelihood,
     n: int,
     event_shape: tuple[int, ...],
     *,
@@ -154,12 +156,16 @@ def dps(
     not used; for complex y the norm is over |r|. A `ClosureLikelihood` has no linear A: its `residual`
     is the noise-whitened misfit of the closure quantities, so there the norm is sqrt(-2 log p + const).
 
-    score: score(x, t), x: (B, *event_shape), t: (B,). likelihood: y = A x + b with A acting on
-    (B, *event_shape) images, or any object with `residual(x) -> (B, M)` (e.g. `ClosureLikelihood`). zeta: guidance weight, ≥ 0 (public code: 0.3–1.0).
+    score: score(x, t), x: (B, *event_shape), t: (B,). likelihood: a `Likelihood` (`scoreprior.protocols`),
+    e.g. a `GaussianLikelihood` (y = A x + b, A acting on (B, *event_shape) images) or a `ClosureLikelihood`;
+    dps follows its `residual(x) -> (B, ...)`. zeta: guidance weight, ≥ 0 (public code: 0.3–1.0).
     Returns (n, *event_shape) approximate posterior samples of x_t0.
     """
     sampler_options(n, steps, t0, sde.T)
     _check_likelihood(likelihood, event_shape)
+    if not callable(getattr(likelihood, "residual", None)):
+        raise TypeError(f"likelihood: dps follows the gradient of the misfit and needs residual(x), got "
+                        f"{type(likelihood).__name__} without residual")
     number(zeta, "zeta", low=0.0, low_open=False)
     x = sde.prior_sample((n, *event_shape), generator=generator, device=device, dtype=dtype)
     guard = _Guard("dps", x, steps, f"zeta={zeta}")

@@ -28,8 +28,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from scoreprior._checks import choice, height_width, number, sampler_options
-from scoreprior.diagnostics import psnr, ssim
 from scoreprior.likelihood import DiagonalCovariance, FourierDiagonalCovariance, GaussianLikelihood
+from scoreprior.metrics import psnr, ssim
 from scoreprior.nets import build_net
 from scoreprior.operators import Identity, LinearOperator
 from scoreprior.samplers import _Guard

@@ -59,9 +59,9 @@ from matplotlib.figure import Figure
 
 from scoreprior.data import BLACKHOLE_FOV_UAS, blackhole_images, builtin_dataset, ring_radius
 from scoreprior.demo import M87, simulate_observation
-from scoreprior.diagnostics import nxcorr
 from scoreprior.eht import load_array, read_uvfits, uv_coverage
 from scoreprior.likelihood import GaussianLikelihood
+from scoreprior.metrics import nxcorr
 from scoreprior.operators import Interferometer, uas_to_rad
 from scoreprior.plots import posterior_figure
 from scoreprior.posterior import DPI

@@ -39,8 +39,9 @@ import torch
 from matplotlib.figure import Figure
 
 from scoreprior.data import natural_patches
-from scoreprior.diagnostics import coverage, psnr
+from scoreprior.diagnostics import coverage
 from scoreprior.likelihood import GaussianLikelihood
+from scoreprior.metrics import psnr
 from scoreprior.operators import GaussianBlur, Identity, LinearOperator
 from scoreprior.posterior import DPI
 from scoreprior.pretrained import pretrained

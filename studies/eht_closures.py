@@ -62,10 +62,11 @@ from matplotlib.figure import Figure
 
 from scoreprior.data import BLACKHOLE_FOV_UAS, blackhole_images, builtin_dataset, ring_features
 from scoreprior.demo import M87, DemoConfig, fit_posterior, simulate_observation
-from scoreprior.diagnostics import blurred_psnr, credible_interval, nxcorr
+from scoreprior.diagnostics import credible_interval
 from scoreprior.eht import average_visibilities, load_array, read_uvfits, uv_coverage
 from scoreprior.importance import importance_draws
 from scoreprior.likelihood import ClosureLikelihood, GaussianLikelihood
+from scoreprior.metrics import blurred_psnr, nxcorr
 from scoreprior.operators import uas_to_rad
 from scoreprior.pretrained import available_priors, pretrained
 from scoreprior.samplers import dps

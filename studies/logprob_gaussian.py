@@ -54,7 +54,7 @@ from torch import Tensor
 
 from scoreprior.data import builtin_dataset, natural_patches, pca_gaussian, sample_gaussian
 from scoreprior.density import ScorePrior
-from scoreprior.diagnostics import linear_fit
+from scoreprior.metrics import linear_fit
 from scoreprior.plots import logprob_scatter
 from scoreprior.pretrained import available_priors, load_pretrained, pretrained
 from scoreprior.priors import GaussianPrior

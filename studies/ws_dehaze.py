@@ -50,7 +50,7 @@ import torch
 from matplotlib.figure import Figure
 
 from scoreprior.data import natural_patches
-from scoreprior.diagnostics import psnr, ssim
+from scoreprior.metrics import psnr, ssim
 from scoreprior.nets import UNet
 from scoreprior.operators import GaussianBlur
 from scoreprior.samplers import dps

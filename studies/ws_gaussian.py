@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from scoreprior.data import natural_patches
-from scoreprior.diagnostics import psnr
+from scoreprior.metrics import psnr
 from scoreprior.ws import GaussianWhitenedScore, Haze, WSProcess, gaussian_spectrum, ws_sample
 
 SIZE, WIDTH, WHITE, HAZE = 32, 3.0, 0.05, 2.0

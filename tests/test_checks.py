@@ -20,9 +20,11 @@ from scoreprior._checks import (
     integer,
     nonnegative_int,
     number,
+    number_list,
     positive_float,
     positive_int,
     probability,
+    real_tensor,
 )
 
 NAN, INF = float("nan"), float("inf")
@@ -168,3 +170,24 @@ def test_batch_shape_and_format_shape():
             batch_shape(torch.zeros(shape), "x", (2, 2))
     with pytest.raises(ValueError, match=r"^x: expected shape \(B, 4\), got \(\)"):
         batch_shape(torch.zeros(()), "x", (4,))
+
+
+def test_real_tensor_converts_arrays_and_detaches():
+    a = np.arange(4.0)
+    t = real_tensor(a, "arg")
+    assert isinstance(t, torch.Tensor) and t.dtype == torch.float64 and np.shares_memory(t.numpy(), a)
+    w = torch.ones(3, requires_grad=True)
+    assert not real_tensor(w, "arg").requires_grad and real_tensor(w, "arg").data_ptr() == w.data_ptr()
+    for value in ([1.0], 1.0, None, torch.arange(3), np.arange(3), torch.ones(2, dtype=torch.complex64)):
+        with pytest.raises(TypeError, match=r"^arg: expected a (torch\.Tensor or numpy array|real floating-point "
+                                            r"tensor), got \S+"):
+            real_tensor(value, "arg")
+
+
+def test_number_list_flattens_one_or_many():
+    assert number_list(0.5, "arg") == [0.5] and number_list(3, "arg") == [3]
+    assert number_list([[0.1, 0.2], [0.3, 0.4]], "arg") == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert number_list(torch.tensor([1.0, 2.0]), "arg") == [1.0, 2.0] and number_list(np.array([5]), "arg") == [5]
+    for value in ([], (), torch.zeros(0)):
+        with pytest.raises(ValueError, match=r"^arg: expected at least one value, got none$"):
+            number_list(value, "arg")

@@ -386,6 +386,8 @@ def test_wrong_log_prob_shape_raises_without_updating(small_problem):
     prior, likelihood, _, _ = small_problem
 
     class Summed:
+        event_shape = None
+
         def log_prob(self, x):
             return prior.log_prob(x).sum()
 
