@@ -10,12 +10,14 @@ import os as _os
 # restores spinning); a program that imported torch before scoreprior keeps the runtime's default.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from scoreprior.checkpoints import load_checkpoint, load_prior
 from scoreprior.density import ScorePrior, bits_per_dim
 from scoreprior.importance import PosteriorCheck, check_posterior, importance_draws
 from scoreprior.likelihood import (
     ClosureLikelihood, DiagonalCovariance, FourierDiagonalCovariance, GaussianLikelihood, NoiseCovariance,
 )
 from scoreprior.nets import MLP, UNet, build_net
+from scoreprior.noise_prediction import GaussianResidualNet, NoisePredictionScore
 from scoreprior.posterior import DPI, FitDiverged
 from scoreprior.pretrained import available_priors, pretrained
 from scoreprior.priors import GaussianPrior, gaussian_posterior, reference_posterior
@@ -24,10 +26,7 @@ from scoreprior.samplers import dps, sample_prior, score_ald, sde_projection
 from scoreprior.scores import GaussianMixtureScore, GaussianScore
 from scoreprior.sde import SDE, VESDE, SubVPSDE, VPSDE, sde_from_config
 from scoreprior.surrogate import SurrogatePrior
-from scoreprior.training import (
-    EMA, GaussianResidualNet, NoisePredictionScore, TrainConfig, TrainResult, dsm_loss, load_checkpoint, load_prior, save_checkpoint,
-    train_score_model,
-)
+from scoreprior.training import EMA, TrainConfig, TrainResult, dsm_loss, save_checkpoint, train_score_model
 from scoreprior.ws import (
     Haze, WhitenedScore, WSProcess, load_ws_model, power_spectrum, sweep_lambda, ws_loss, ws_sample,
 )

@@ -40,9 +40,9 @@ from tqdm.auto import tqdm
 from scoreprior._checks import (
     batch_shape, choice, implements, integer, nonnegative_int, number, positive_float, positive_int,
 )
+from scoreprior.checkpoints import atomic_save, check_weights, read_checkpoint_file, weights_sha256
 from scoreprior.priors import GaussianPrior
 from scoreprior.protocols import Likelihood, Prior
-from scoreprior.training import atomic_save, check_weights, read_checkpoint_file, weights_sha256
 
 __all__ = ["DPI", "FitDiverged"]
 

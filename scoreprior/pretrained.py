@@ -26,20 +26,18 @@ from pathlib import Path
 
 import torch
 
-from scoreprior.density import ScorePrior
-from scoreprior.nets import build_net
-from scoreprior.sde import sde_from_config
-from scoreprior.training import (
+from scoreprior.checkpoints import (
     CHECKPOINT_FORMAT,
-    NoisePredictionScore,
     atomic_save,
-    base_gaussian,
     check_weights,
     load_checkpoint,
     load_prior,
+    prior_from_checkpoint,
     read_checkpoint_file,
     weights_sha256,
 )
+from scoreprior.density import ScorePrior
+from scoreprior.nets import build_net
 
 __all__ = ["PRETRAINED_DIR", "PRETRAINED_FORMAT", "available_priors", "export_pretrained", "load_pretrained",
            "load_score_prior", "pretrained", "record_metadata"]
@@ -123,21 +121,13 @@ def load_pretrained(
 ) -> ScorePrior:
     """The `ScorePrior` of a slim export written by `export_pretrained`.
 
-    The network is rebuilt from its config in float32 with the stored weights, in eval mode with
-    gradients off, on `device` (default CPU), and wrapped as
-    ScorePrior(NoisePredictionScore(net, sde), sde, t0=t0, event_shape=..., data_range=...,
-    control_variate=...), data_range from the metadata (default (0, 1), the range of every shipped prior's
-    training images), control_variate the network's base Gaussian if it has one (`base_gaussian`).
+    Rebuilt by `scoreprior.checkpoints.prior_from_checkpoint` (the network in float32 with the stored
+    weights, on `device`, default CPU), data_range from the metadata (default (0, 1), the range of every
+    shipped prior's training images).
     """
     slim = _read(Path(path))
-    net = build_net(slim["net_config"])
-    net.load_state_dict(slim["weights"])
-    net.to(device if device is not None else "cpu").eval().requires_grad_(False)
-    sde = sde_from_config(slim["sde_config"])
-    event_shape = tuple(slim["event_shape"])
-    data_range = tuple(slim["metadata"].get("data_range") or _DEFAULT_DATA_RANGE)
-    return ScorePrior(NoisePredictionScore(net, sde, event_shape=event_shape), sde, t0=t0, event_shape=event_shape,
-                      data_range=data_range, control_variate=base_gaussian(net))
+    return prior_from_checkpoint(slim, slim["weights"], t0=t0, device=device,
+                                 data_range=tuple(slim["metadata"].get("data_range") or _DEFAULT_DATA_RANGE))
 
 
 def available_priors() -> dict[str, dict]:

@@ -1,25 +1,18 @@
 """Denoising score matching: the loss, EMA weights, the training loop and its checkpoints.
 
 Networks here predict the noise: with x_t = a(t) x_0 + s(t) z, net(x_t, t) estimates z, and the score
-is -net(x_t, t) / s(t) (Ho et al., NeurIPS 2020; Song et al., ICLR 2021). `GaussianResidualNet` makes a
-network the residual on the exact noise predictor of the data's fitted Gaussian; `dsm_loss` weights times
-uniformly in t or, for priors used as densities, by the likelihood weighting (uniform in log(s / a)).
-A checkpoint is a plain dict of tensors, numbers, strings and lists, so it loads with
-`torch.load(..., weights_only=True)`.
-Checkpoints hold the SHA-256 of their weights (`weights_sha256`), checked on load with their finiteness:
-a damaged file is refused with its name instead of giving non-finite scores downstream.
+is -net(x_t, t) / s(t) (Ho et al., NeurIPS 2020; Song et al., ICLR 2021; `scoreprior.noise_prediction`);
+`dsm_loss` weights times uniformly in t or, for priors used as densities, by the likelihood weighting
+(uniform in log(s / a)). `save_checkpoint` writes the training state in the format that
+`scoreprior.checkpoints` reads and validates (`load_checkpoint`) and rebuilds priors from (`load_prior`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
 
@@ -29,13 +22,17 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from scoreprior._checks import batch_shape, choice, nonnegative_int, number, positive_float, positive_int
-from scoreprior.density import ScorePrior
+from scoreprior._checks import choice, nonnegative_int, number, positive_float, positive_int
+from scoreprior.checkpoints import (
+    CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save, load_checkpoint, load_prior, weights_sha256,
+)
 from scoreprior.distributed import broadcast_from_rank0, gather_ordered, item_seed, rank_and_world
-from scoreprior.nets import build_net, register_net
-from scoreprior.priors import GaussianPrior
-from scoreprior.sde import SDE, batch_times, per_sample, sde_from_config
+from scoreprior.noise_prediction import GaussianResidualNet, NoisePredictionScore
+from scoreprior.sde import SDE
 
+# CHECKPOINT_VERSION, atomic_save, load_checkpoint, load_prior, GaussianResidualNet and NoisePredictionScore
+# live in scoreprior.checkpoints and scoreprior.noise_prediction; they stay importable from here, where
+# code written before those modules existed imports them.
 __all__ = [
     "CHECKPOINT_VERSION",
     "NoisePredictionScore",
@@ -48,116 +45,10 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_prior",
-    "weights_sha256",
-    "check_weights",
 ]
 
-CHECKPOINT_FORMAT = "scoreprior-checkpoint"
-CHECKPOINT_VERSION = 1
 TIME_SAMPLINGS = ("uniform", "likelihood")
 LR_SCHEDULES = ("constant", "cosine")
-_REQUIRED_KEYS = (
-    "format", "version", "net_config", "sde_config", "event_shape", "net", "ema", "step", "loss_history",
-)
-
-
-class NoisePredictionScore(nn.Module):
-    """Score model of a noise-prediction network: score(x, t) = -net(x, t) / s(t).
-
-    net: callable net(x, t) -> shaped like x, t a (B,) tensor in [0, 1], estimating the noise z of
-    x_t = a(t) x_0 + s(t) z; sde: the forward SDE giving s(t); event_shape: shape of one sample, if
-    known (read by `ScorePrior`).
-    Inputs are cast to the dtype of the net's parameters and the score is cast back, so a float32 net
-    can be called inside a float64 ODE solve.
-
-    Call: x (B, *event_shape), t scalar or (B,) -> (B, *event_shape).
-    """
-
-    def __init__(self, net: nn.Module, sde: SDE, *, event_shape: tuple[int, ...] | None = None):
-        super().__init__()
-        self.net = net
-        self.sde = sde
-        self.event_shape = torch.Size(event_shape) if event_shape is not None else None
-
-    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
-        param = next(self.net.parameters(), None)
-        dtype = param.dtype if param is not None else x.dtype
-        t = batch_times(t, x)
-        _, s = self.sde.marginal(t)
-        eps = self.net(x.to(dtype), t.to(dtype)).to(x.dtype)
-        return -eps / per_sample(s, x)
-
-
-class GaussianResidualNet(nn.Module):
-    """Noise predictor = the exact one of a Gaussian fitted to the data + a network's residual.
-
-    For x_0 ~ N(mu, C), C = V diag(lambda) V^T, and x_t = a(t) x_0 + s(t) z, the best noise predictor is
-        E[z | x_t] = s V diag(1 / (a^2 lambda + s^2)) V^T (x_t - a mu),
-    the Wiener denoiser. The network learns what the data add to their Gaussian: at high noise, where the
-    marginals of natural images are nearly Gaussian, it has little to learn, and a Gaussian's covariance,
-    global across the image, needs no large receptive field. Untrained (zero last layer), the model is
-    the Gaussian fitted to its data.
-
-    net: network net(x, t) -> shaped like x (a `UNet`, ...); sde: the forward SDE giving a(t), s(t);
-    mean: (*event_shape) Gaussian mean; eigvals: (d,) covariance eigenvalues, > 0; eigvecs: (d, d)
-    orthonormal eigenvectors in its columns (d = prod(event_shape)). `fit` builds them from images.
-    They are buffers: saved in the state dict with the network's weights.
-
-    Call: x (B, *event_shape), t (B,) in [0, 1] -> (B, *event_shape).
-    """
-
-    def __init__(self, net: nn.Module, sde: SDE, mean: Tensor, eigvals: Tensor, eigvecs: Tensor):
-        super().__init__()
-        d = mean.numel()
-        if eigvals.shape != (d,) or eigvecs.shape != (d, d):
-            raise ValueError(f"eigvals, eigvecs: expected shapes ({d},) and ({d}, {d}) for mean of shape "
-                             f"{tuple(mean.shape)}, got {tuple(eigvals.shape)} and {tuple(eigvecs.shape)}")
-        if not bool((eigvals > 0).all()):
-            raise ValueError(f"eigvals: expected positive values, got minimum {float(eigvals.min())}")
-        self.net = net
-        self.sde = sde
-        self.register_buffer("mean", mean.detach().float().clone())
-        self.register_buffer("eigvals", eigvals.detach().float().clone())
-        self.register_buffer("eigvecs", eigvecs.detach().float().clone())
-
-    @classmethod
-    def fit(cls, net: nn.Module, sde: SDE, images: Tensor, *, floor: float) -> GaussianResidualNet:
-        """The model on the Gaussian N(sample mean, sample covariance + floor I) of images (N, *event_shape)."""
-        gaussian = GaussianPrior.fit(images, floor=floor)
-        eigvals, eigvecs = torch.linalg.eigh(gaussian.cov)
-        return cls(net, sde, gaussian.mean, eigvals.clamp_min(floor), eigvecs)
-
-    def gaussian(self) -> GaussianPrior:
-        """The base Gaussian N(mean, V diag(eigvals) V^T), float64 on the CPU: the natural control variate of
-        the model's log-density (`ScorePrior(control_variate=...)`, set by `load_prior` and `load_pretrained`)."""
-        vecs = self.eigvecs.detach().double().cpu()
-        return GaussianPrior(self.mean.detach().double().cpu(), (vecs * self.eigvals.double().cpu()) @ vecs.mT)
-
-    def gaussian_noise(self, x: Tensor, t: Tensor) -> Tensor:
-        """E[z | x_t] under the Gaussian. x: (B, *event_shape), t: (B,) -> shaped like x."""
-        a, s = self.sde.marginal(t)
-        flat = x.reshape(x.shape[0], -1) - a[:, None] * self.mean.reshape(1, -1)
-        gain = s[:, None] / (a[:, None] ** 2 * self.eigvals + s[:, None] ** 2)
-        return ((flat @ self.eigvecs) * gain @ self.eigvecs.mT).reshape(x.shape)
-
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        batch_shape(x, "x", self.mean.shape)
-        return self.gaussian_noise(x, t) + self.net(x, t)
-
-    def config(self) -> dict:
-        """{"kind": "GaussianResidualNet", "net": the network's config, "sde": the SDE's, "event_shape"}."""
-        return {"kind": "GaussianResidualNet", "net": self.net.config(), "sde": self.sde.config(),
-                "event_shape": list(self.mean.shape)}
-
-
-def _build_gaussian_residual(net: dict, sde: dict, event_shape: list[int]) -> GaussianResidualNet:
-    """An untrained GaussianResidualNet of a config, its Gaussian N(0, I) until a state dict is loaded."""
-    d = math.prod(event_shape)
-    return GaussianResidualNet(build_net(net), sde_from_config(sde), torch.zeros(event_shape), torch.ones(d),
-                               torch.eye(d))
-
-
-register_net("GaussianResidualNet", _build_gaussian_residual)
 
 
 def dsm_loss(
@@ -313,74 +204,6 @@ class TrainResult:
     ema: EMA = field(repr=False)
 
 
-def atomic_save(obj: dict, path: Path) -> None:
-    """torch.save to a temporary file in the target folder, then rename it over `path`.
-
-    The file gets the permissions of an ordinary new file (0666 less the umask), not mkstemp's 0600.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def read_checkpoint_file(path: Path, fmt: str | tuple[str, ...]) -> dict:
-    """torch.load a checkpoint dict (weights only) whose "format" entry is `fmt` (or one of them);
-    ValueError naming the file and the format found otherwise."""
-    formats = (fmt,) if isinstance(fmt, str) else tuple(fmt)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"checkpoint {path}: not a readable torch file ({type(err).__name__}: {err})") from err
-    found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
-    if found not in formats:
-        expected = " or ".join(map(repr, formats))
-        raise ValueError(f"checkpoint {path}: not a scoreprior checkpoint of format {expected}"
-                         + (f" (its format is {found!r})" if isinstance(found, str) else ""))
-    return checkpoint
-
-
-def weights_sha256(weights: Mapping[str, Tensor]) -> str:
-    """SHA-256 hex digest of a state dict: each tensor's name, dtype, shape and bytes, in name order."""
-    digest = hashlib.sha256()
-    for name in sorted(weights):
-        tensor = weights[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def check_weights(path: str | Path, groups: Mapping[str, Mapping[str, Tensor]], digests: Mapping | None) -> None:
-    """Refuse damaged weights read from `path`: ValueError naming the file when a floating-point tensor of
-    a group holds NaN/inf, or when a group's `weights_sha256` differs from its entry in `digests`.
-
-    groups: {group name: state dict}, e.g. {"net": ..., "ema": ...}; digests: {group name: hex digest} as
-    stored at export (None or a missing entry: files written before digests were stored, only the
-    finiteness is checked).
-    """
-    for group, weights in groups.items():
-        bad = [name for name, value in weights.items()
-               if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
-        if bad:
-            count = sum(int((~torch.isfinite(weights[name])).sum()) for name in bad)
-            raise ValueError(f"checkpoint {path}: damaged file, {count} non-finite {group} weights (in "
-                             f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); restore or re-export it")
-        expected = (digests or {}).get(group)
-        if expected is not None and weights_sha256(weights) != expected:
-            raise ValueError(f"checkpoint {path}: damaged file, the {group} weights do not match the SHA-256 "
-                             "stored when it was written; restore or re-export it")
-
-
 def save_checkpoint(
     path: str | Path,
     net: nn.Module,
@@ -432,29 +255,6 @@ def save_checkpoint(
     }
     atomic_save(checkpoint, path)
     return path
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Read and validate a checkpoint written by `save_checkpoint`, tensors on the CPU.
-
-    Raises FileNotFoundError if `path` does not exist, ValueError naming the file if it is not a torch
-    file, is not a scoreprior checkpoint, has another format version, lacks keys, or holds damaged
-    weights (non-finite, or not matching the stored SHA-256: `check_weights`).
-    Returns the checkpoint dict (keys listed in `save_checkpoint`, plus "format" and "version").
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path}: no such file")
-    checkpoint = read_checkpoint_file(path, CHECKPOINT_FORMAT)
-    if checkpoint.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(
-            f"checkpoint {path}: expected format version {CHECKPOINT_VERSION}, got {checkpoint.get('version')!r}"
-        )
-    missing = [k for k in _REQUIRED_KEYS if k not in checkpoint]
-    if missing:
-        raise ValueError(f"checkpoint {path}: missing keys {missing}")
-    check_weights(path, {"net": checkpoint["net"], "ema": checkpoint["ema"]["shadow"]}, checkpoint.get("weights_sha256"))
-    return checkpoint
 
 
 def _resume(
@@ -618,39 +418,3 @@ def _mean_over_ranks(value: Tensor, world: int) -> Tensor:
     total = value.clone()
     dist.all_reduce(total)
     return total / world
-
-
-def load_prior(
-    path: str | Path,
-    *,
-    t0: float = 1e-5,
-    device: torch.device | str | None = None,
-    use_ema: bool = True,
-) -> ScorePrior:
-    """Rebuild the trained prior of a checkpoint as a `ScorePrior`.
-
-    The network is rebuilt from its config with the EMA weights (or the raw weights if not use_ema),
-    put in eval mode with gradients off, wrapped in `NoisePredictionScore`, and returned as
-    ScorePrior(score, sde, t0=t0, event_shape=..., data_range=..., control_variate=...) (data_range: the
-    training images' (min, max) when the checkpoint records it; control_variate: the base Gaussian of a
-    `GaussianResidualNet`, which lowers the Hutchinson noise of log p). device: where the network lives
-    (default CPU).
-    """
-    checkpoint = load_checkpoint(path)
-    net = build_net(checkpoint["net_config"])
-    net.load_state_dict(checkpoint["ema"]["shadow"] if use_ema else checkpoint["net"])
-    net.to(device if device is not None else "cpu").eval().requires_grad_(False)
-    sde = sde_from_config(checkpoint["sde_config"])
-    if not isinstance(sde, SDE):
-        raise ValueError(f"{path}: holds a {type(sde).__name__} model, not a score model of an SDE; "
-                         "load whitened-score checkpoints with scoreprior.ws.load_ws_model")
-    event_shape = tuple(checkpoint["event_shape"])
-    score = NoisePredictionScore(net, sde, event_shape=event_shape)
-    data_range = checkpoint.get("data_range")
-    return ScorePrior(score, sde, t0=t0, event_shape=event_shape,
-                      data_range=None if data_range is None else tuple(data_range), control_variate=base_gaussian(net))
-
-
-def base_gaussian(net: nn.Module) -> GaussianPrior | None:
-    """The base Gaussian of a `GaussianResidualNet` (`GaussianResidualNet.gaussian`), None for other networks."""
-    return net.gaussian() if isinstance(net, GaussianResidualNet) else None

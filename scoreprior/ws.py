@@ -28,13 +28,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from scoreprior._checks import choice, height_width, number, sampler_options
+from scoreprior.checkpoints import load_checkpoint
 from scoreprior.likelihood import DiagonalCovariance, FourierDiagonalCovariance, GaussianLikelihood
 from scoreprior.metrics import psnr, ssim
 from scoreprior.nets import build_net
+from scoreprior.noise_prediction import NoisePredictionScore
 from scoreprior.operators import Identity, LinearOperator
 from scoreprior.samplers import _Guard
 from scoreprior.sde import VPSDE, batch_times, per_sample, register_sde, sde_from_config
-from scoreprior.training import NoisePredictionScore, load_checkpoint
 
 __all__ = [
     "gaussian_spectrum", "power_law_spectrum", "mix_white", "spectrum_from_recipe",
