@@ -138,14 +138,14 @@ def figure(truths: dict, measured: dict, recon: dict, path: Path) -> None:
     rows = [(name, task, k) for name in measured for task in measured[name] for k in range(2)]
     fig = Figure(figsize=(1.6 * len(cols), 1.7 * len(rows)))
     axes = fig.subplots(len(rows), len(cols), squeeze=False)
-    for row, (name, task, k) in zip(axes, rows):
+    for r, (row, (name, task, k)) in enumerate(zip(axes, rows)):
         panels = [truths[name][k], measured[name][task][k], *(recon[name][task][m][k][0] for m in METHODS)]
         for ax, img, col in zip(row, panels, cols):
             ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([]), ax.set_yticks([])
             if col == "truth":
                 ax.set_ylabel(f"{name}\n{task}", fontsize=7)
-            if row is axes[0]:
+            if r == 0:
                 ax.set_title(LABELS.get(col, col), fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
