@@ -1,4 +1,4 @@
-"""Whitened-score diffusion (scoreprior/ws.py) against closed forms for circulant Gaussian data."""
+"""Whitened-score diffusion (scoreprior/ws/) against closed forms for circulant Gaussian data."""
 
 import math
 
@@ -10,7 +10,7 @@ from scoreprior.nets import UNet
 from scoreprior.operators import GaussianBlur, Identity, Inpainting
 from scoreprior.sde import VPSDE, sde_from_config
 from scoreprior.training import NoisePredictionScore, TrainConfig, dsm_loss, train_score_model
-from scoreprior.ws import _CovarianceStep, _time_grid  # private pieces checked against dense algebra / formulas
+from scoreprior.ws.sampling import _CovarianceStep, _time_grid  # private pieces checked against dense algebra / formulas
 from scoreprior.ws import (
     GaussianWhitenedScore, Haze, WhitenedScore, WidthConditionedNet, WSProcess, build_ws_net, choose_lambda,
     gaussian_spectrum, load_ws_model, mix_white, power_law_spectrum, power_spectrum, spectrum_from_recipe,

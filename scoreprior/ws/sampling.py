@@ -1,19 +1,8 @@
-"""Whitened-score (WS) diffusion with structured noise (Alido, Li, Sun & Tian, arXiv 2505.10311).
+"""Whitened-score sampling with a data term, and the choice of its weight λ (Alido et al. 2025, Algorithm 1).
 
-Forward process (VP drift, structured noise):
-    dx = -beta(t) x / 2 dt + sqrt(beta(t)) K dw,   x_t = a(t) x_0 + s(t) K z,   z ~ N(0, I),
-with a(t), s(t) those of `VPSDE` and K a real, symmetric, circulant filter per channel:
-    K = F^H diag(kappa) F,   F the unitary 2-D DFT over (H, W),
-given by its spectrum kappa: (H, W), real, >= 0, on the torch.fft.fft2 grid (zero frequency at [0, 0])
-and Hermitian-symmetric, kappa[p, q] = kappa[-p mod H, -q mod W] (the grid of `FourierDiagonalCovariance`).
-The noise covariance of x_t | x_0 is s(t)^2 K K^T = s(t)^2 F^H diag(kappa^2) F.
-
-Whitened score: n(x, t) = G_t G_t^T grad log p_t(x) = beta(t) K K^T grad log p_t(x), G_t = sqrt(beta) K.
-The conditional one needs no inverse:
-    beta K K^T grad log p(x_t | x_0) = -beta K K^T (s^2 K K^T)^{-1} (x_t - a x_0) = -beta K z / s.
-The sign is minus; the released code of the paper trains on +beta K z / s.
-Reverse-time dynamics use n directly (no K^{-1}):
-    probability flow  dx = [-beta x / 2 - n / 2] dt,   reverse SDE  dx = [-beta x / 2 - n] dt + sqrt(beta) K dw.
+`ws_sample` (probability-flow ODE, reverse SDE or ancestral steps), the dehazing measurement model `Haze`,
+`power_spectrum` of training images for the covariance data step, and `sweep_lambda` / `choose_lambda`
+(discrepancy principle).
 """
 
 from __future__ import annotations
@@ -21,341 +10,22 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from numbers import Real
-from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from scoreprior._checks import choice, height_width, number, sampler_options
-from scoreprior.checkpoints import load_checkpoint
+from scoreprior._checks import choice, number, sampler_options
 from scoreprior.likelihood import DiagonalCovariance, FourierDiagonalCovariance, GaussianLikelihood
 from scoreprior.metrics import psnr, ssim
-from scoreprior.nets import build_net
-from scoreprior.noise_prediction import NoisePredictionScore
 from scoreprior.operators import Identity, LinearOperator
 from scoreprior.samplers import _Guard
-from scoreprior.sde import VPSDE, batch_times, per_sample, register_sde, sde_from_config
+from scoreprior.sde import per_sample
+from scoreprior.ws.process import WSProcess, check_spectrum, fourier_filter
 
-__all__ = [
-    "gaussian_spectrum", "power_law_spectrum", "mix_white", "spectrum_from_recipe",
-    "WSProcess", "GaussianWhitenedScore", "WhitenedScore", "WidthConditionedNet", "build_ws_net",
-    "load_ws_model", "ws_loss", "Haze", "power_spectrum", "ws_sample", "sweep_lambda", "choose_lambda",
-]
+__all__ = ["Haze", "power_spectrum", "ws_sample", "sweep_lambda", "choose_lambda"]
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
-_RECIPE_TYPES = ("gaussian", "power_law", "array")
-
-
-def _frequency_radius(size: tuple[int, int], dtype: torch.dtype = torch.float64) -> Tensor:
-    """|f| in cycles per pixel on the fft2 grid of an (H, W) image: (H, W)."""
-    fy = torch.fft.fftfreq(size[0], dtype=dtype)
-    fx = torch.fft.fftfreq(size[1], dtype=dtype)
-    return torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2)
-
-
-def gaussian_spectrum(size: tuple[int, int], width: float) -> Tensor:
-    """Gaussian low-pass kappa(f) = exp(-2 pi^2 width^2 |f|^2), kappa(0) = 1: (H, W) float64 on the fft2 grid.
-
-    The transfer function of convolution with a sum-normalised Gaussian kernel of std `width` pixels (its
-    continuous Fourier transform, f in cycles per pixel), the noise filter of the paper's released code.
-    size: (H, W); width: kernel std in pixels, > 0.
-    """
-    width = number(width, "width", low=0.0)
-    return torch.exp(-2 * math.pi**2 * width**2 * _frequency_radius(height_width(size, "size")) ** 2)
-
-
-def power_law_spectrum(size: tuple[int, int], alpha: float) -> Tensor:
-    """Power-law amplitude kappa(f) = (max(|f|, f_1) / f_1)^(-alpha): (H, W) float64 on the fft2 grid.
-
-    The noise power spectrum is kappa^2 ~ |f|^(-2 alpha). f_1 = 1 / max(H, W) is the lowest non-zero
-    frequency; the zero frequency gets kappa(f_1) = 1 instead of infinity. size: (H, W); alpha >= 0.
-    """
-    alpha = number(alpha, "alpha", low=0.0, low_open=False)
-    size = height_width(size, "size")
-    f1 = 1.0 / max(size)
-    return (_frequency_radius(size).clamp_min(f1) / f1) ** (-alpha)
-
-
-def mix_white(spectrum: Tensor, white: float) -> Tensor:
-    """Spectrum of sqrt(1 - white) K z_1 + sqrt(white) z_2: sqrt((1 - white) kappa^2 + white), (H, W).
-
-    The noise covariance becomes (1 - white) K K^T + white I. white: in [0, 1].
-    """
-    white = number(white, "white", low=0.0, high=1.0, low_open=False)
-    return torch.sqrt((1 - white) * _check_spectrum(spectrum) ** 2 + white)
-
-
-def spectrum_from_recipe(recipe: dict) -> Tensor:
-    """The spectrum (H, W) float64 described by a JSON-able recipe dict.
-
-    recipe: {"type": "gaussian", "size": [H, W], "width": w} | {"type": "power_law", "size", "alpha"}
-        | {"type": "array", "values": nested (H, W) list}, each with an optional "white" (default 0)
-        passed to `mix_white`.
-    """
-    if not isinstance(recipe, dict) or recipe.get("type") not in _RECIPE_TYPES:
-        raise ValueError(f"recipe: expected a dict with 'type' in {_RECIPE_TYPES}, got {recipe!r}")
-    kind = recipe["type"]
-    if kind == "gaussian":
-        spectrum = gaussian_spectrum(tuple(recipe["size"]), recipe["width"])
-    elif kind == "power_law":
-        spectrum = power_law_spectrum(tuple(recipe["size"]), recipe["alpha"])
-    else:
-        spectrum = torch.tensor(recipe["values"], dtype=torch.float64)
-    return mix_white(spectrum, recipe.get("white", 0.0))
-
-
-def _check_spectrum(spectrum: object, name: str = "spectrum") -> Tensor:
-    """A real, finite, non-negative, Hermitian-symmetric (H, W) tensor, returned as float64."""
-    if not isinstance(spectrum, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(spectrum).__name__}")
-    if not spectrum.is_floating_point():
-        raise TypeError(f"{name}: expected a real floating-point tensor, got dtype {spectrum.dtype}")
-    if spectrum.ndim != 2:
-        raise ValueError(f"{name}: expected shape (H, W), got {tuple(spectrum.shape)}")
-    spectrum = spectrum.detach().to(torch.float64)
-    if not bool((torch.isfinite(spectrum) & (spectrum >= 0)).all()) or not bool((spectrum > 0).any()):
-        raise ValueError(f"{name}: expected finite non-negative values, not all zero")
-    mirrored = torch.roll(torch.flip(spectrum, dims=(0, 1)), shifts=(1, 1), dims=(0, 1))
-    if not torch.allclose(spectrum, mirrored, rtol=1e-6, atol=1e-12):
-        raise ValueError(f"{name}: expected Hermitian symmetry spectrum[p, q] = spectrum[-p mod H, -q mod W]")
-    return spectrum
-
-
-def _fourier_filter(x: Tensor, gain: Tensor) -> Tensor:
-    """F^H (gain ⊙ F x) for real x: (B, C, H, W) and a real Hermitian-symmetric gain (H, W) or (B, 1, H, W)."""
-    w = x.shape[-1]
-    half = gain[..., : w // 2 + 1].to(device=x.device, dtype=x.dtype)
-    return torch.fft.irfft2(torch.fft.rfft2(x) * half, s=x.shape[-2:])
-
-
-@register_sde
-class WSProcess:
-    """Structured VP forward process dx = -beta x / 2 dt + sqrt(beta) K dw (module docstring).
-
-    spectrum: kappa of K, a (H, W) tensor (real, >= 0, Hermitian-symmetric, fft2 grid) or a recipe dict
-        (`spectrum_from_recipe`); kappa = 1 everywhere is the ordinary `VPSDE`.
-    beta_min, beta_max: the linear beta(t) of `VPSDE`, whose a(t), s(t) are reused.
-    Images are (B, C, H, W); every channel gets the same K. Times are scalars or (B,) in [0, T = 1].
-    """
-
-    T = 1.0
-
-    def __init__(self, spectrum: Tensor | dict, beta_min: float = 0.1, beta_max: float = 20.0):
-        self.vp = VPSDE(beta_min, beta_max)
-        self.recipe = spectrum if isinstance(spectrum, dict) else None
-        self.spectrum = _check_spectrum(spectrum_from_recipe(spectrum) if isinstance(spectrum, dict) else spectrum)
-        self.size = tuple(self.spectrum.shape)
-
-    def __repr__(self) -> str:
-        what = self.recipe if self.recipe is not None else f"array of shape {self.size}"
-        return f"WSProcess(spectrum={what}, beta_min={self.vp.beta_min}, beta_max={self.vp.beta_max})"
-
-    def config(self) -> dict:
-        """Constructor arguments (the recipe, or the spectrum as nested lists), rebuilt by `sde_from_config`."""
-        spectrum = self.recipe if self.recipe is not None else {"type": "array", "values": self.spectrum.tolist()}
-        return {"kind": "WSProcess", "spectrum": spectrum, "beta_min": self.vp.beta_min, "beta_max": self.vp.beta_max}
-
-    def with_width(self, width: float) -> WSProcess:
-        """The same process with the Gaussian recipe's width replaced (random-width training)."""
-        if self.recipe is None or self.recipe["type"] != "gaussian":
-            raise ValueError(f"width: only a process built from a 'gaussian' recipe has a width, got {self!r}")
-        return WSProcess({**self.recipe, "width": float(width)}, self.vp.beta_min, self.vp.beta_max)
-
-    def check_images(self, x: object, name: str = "x") -> None:
-        """Raise unless x is a real (B, C, H, W) tensor with (H, W) = the spectrum's size."""
-        if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise TypeError(f"{name}: expected a real floating-point tensor, got {getattr(x, 'dtype', type(x))}")
-        if x.ndim != 4 or tuple(x.shape[-2:]) != self.size:
-            raise ValueError(f"{name}: expected shape (B, C, {self.size[0]}, {self.size[1]}), got {tuple(x.shape)}")
-
-    def beta(self, t: Tensor) -> Tensor:
-        """beta(t). t: (B,) -> (B,)."""
-        return self.vp.beta(t)
-
-    def marginal(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """(a(t), s(t)) with x_t | x_0 ~ N(a x_0, s^2 K K^T). t: (B,) -> two (B,) tensors."""
-        return self.vp.marginal(t)
-
-    def apply_K(self, x: Tensor) -> Tensor:
-        """K x. x: (B, C, H, W) -> (B, C, H, W)."""
-        return _fourier_filter(x, self.spectrum)
-
-    def apply_KKt(self, x: Tensor) -> Tensor:
-        """K K^T x = F^H (kappa^2 ⊙ F x). x: (B, C, H, W) -> (B, C, H, W)."""
-        return _fourier_filter(x, self.spectrum**2)
-
-    def apply_K_inverse(self, x: Tensor) -> Tensor:
-        """K^{-1} x; ValueError if some kappa is 0. x: (B, C, H, W) -> (B, C, H, W)."""
-        if not bool((self.spectrum > 0).all()):
-            raise ValueError("spectrum: K is singular (some kappa = 0); mix in white noise (`mix_white`)")
-        return _fourier_filter(x, 1 / self.spectrum)
-
-    def noise(self, shape: tuple[int, ...], *, generator: torch.Generator | None = None,
-              device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tensor:
-        """Structured noise K z, z ~ N(0, I), of shape (B, C, H, W)."""
-        return self.apply_K(torch.randn(shape, generator=generator, device=device, dtype=dtype))
-
-    def perturb(self, x0: Tensor, t: Tensor | float, z: Tensor) -> Tensor:
-        """x_t = a(t) x_0 + s(t) K z. x0, z: (B, C, H, W) (z white); t: scalar or (B,)."""
-        return self.vp.perturb(x0, batch_times(t, x0), self.apply_K(z))
-
-    def conditional_whitened_score(self, xt: Tensor, x0: Tensor, t: Tensor | float) -> Tensor:
-        """beta K K^T grad log p(x_t | x_0) = -beta (x_t - a x_0) / s^2 (= -beta K z / s). All (B, C, H, W)."""
-        t = batch_times(t, xt)
-        a, s = self.marginal(t)
-        return -per_sample(self.beta(t) / s**2, xt) * (xt - per_sample(a, xt) * x0)
-
-    def tweedie(self, x: Tensor, t: Tensor | float, n: Tensor) -> Tensor:
-        """E[x_0 | x_t] = (x_t + s^2 K K^T grad log p_t) / a = (x_t + s^2 n / beta) / a. x, n: (B, C, H, W)."""
-        t = batch_times(t, x)
-        a, s = self.marginal(t)
-        return (x + per_sample(s**2 / self.beta(t), x) * n) / per_sample(a, x)
-
-
-class GaussianWhitenedScore:
-    """Exact whitened score of circulant Gaussian data N(mean, F^H diag(c) F) under a `WSProcess`.
-
-    p_t = N(a mean, F^H diag(a^2 c + s^2 kappa^2) F), so per frequency
-        n(x, t) = -beta kappa^2 F[x - a mean] / (a^2 c + s^2 kappa^2)   (then F^H).
-    mean: (C, H, W); cov_spectrum: (H, W) positive per-frequency variances c (Hermitian-symmetric, fft2 grid,
-    unitary DFT: E|F(x - mean)|^2 = c). Call: x (B, C, H, W), t scalar or (B,) -> (B, C, H, W).
-    """
-
-    def __init__(self, mean: Tensor, cov_spectrum: Tensor, process: WSProcess):
-        self.cov_spectrum = _check_spectrum(cov_spectrum, "cov_spectrum")
-        if not bool((self.cov_spectrum > 0).all()) or self.cov_spectrum.shape != process.spectrum.shape:
-            raise ValueError(f"cov_spectrum: expected positive values of shape {process.size}")
-        process.check_images(mean[None], "mean")
-        self.mean, self.process = mean, process
-
-    def __call__(self, x: Tensor, t: Tensor | float) -> Tensor:
-        self.process.check_images(x)
-        t = batch_times(t, x)
-        a, s = self.process.marginal(t)
-        kappa2 = self.process.spectrum.to(x.device, x.dtype) ** 2
-        var = per_sample(a**2, x) * self.cov_spectrum.to(x.device, x.dtype) + per_sample(s**2, x) * kappa2
-        resid = x - per_sample(a, x) * self.mean.to(x.device, x.dtype)
-        return -per_sample(self.process.beta(t), x) * _fourier_filter(resid, kappa2 / var)
-
-
-class WhitenedScore(nn.Module):
-    """The whitened score of a network trained by `ws_loss`: n(x, t) = -beta(t) net(x, t) / s(t).
-
-    net predicts the structured noise K z of x_t = a x_0 + s K z. process: its `WSProcess`.
-    Call: x (B, C, H, W), t scalar or (B,) -> (B, C, H, W).
-    """
-
-    def __init__(self, net: nn.Module, process: WSProcess):
-        super().__init__()
-        self.noise_score = NoisePredictionScore(net, process)
-        self.process = process
-
-    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
-        t = batch_times(t, x)
-        return per_sample(self.process.beta(t), x) * self.noise_score(x, t)
-
-
-class WidthConditionedNet(nn.Module):
-    """A network conditioned on the Gaussian noise width w through an extra constant input channel.
-
-    net: a network for C + 1 channels (e.g. UNet(C + 1, ...)) called net(x, t); its input gets the channel
-    (w - lo) / (hi - lo), and its first C output channels are returned. widths: (lo, hi) training range in
-    pixels; width: the width used when called without one (sampling), default the midpoint.
-    Call: x (B, C, H, W), t (B,), optional width -> (B, C, H, W).
-    """
-
-    def __init__(self, net: nn.Module, *, widths: tuple[float, float], width: float | None = None):
-        super().__init__()
-        lo, hi = (number(w, "widths", low=0.0) for w in widths)
-        if not lo < hi:
-            raise ValueError(f"widths: expected lo < hi, got {widths}")
-        self.net, self.widths = net, (lo, hi)
-        self.width = 0.5 * (lo + hi) if width is None else number(width, "width", low=0.0)
-
-    def forward(self, x: Tensor, t: Tensor, width: float | None = None) -> Tensor:
-        lo, hi = self.widths
-        w = self.width if width is None else width
-        level = x.new_full((x.shape[0], 1, *x.shape[2:]), (w - lo) / (hi - lo))
-        return self.net(torch.cat([x, level], dim=1), t)[:, : x.shape[1]]
-
-    def config(self) -> dict:
-        """{"kind": "WidthConditionedNet", "net": inner config, "widths", "width"}; see `build_ws_net`."""
-        return {"kind": "WidthConditionedNet", "net": self.net.config(), "widths": list(self.widths),
-                "width": self.width}
-
-
-def build_ws_net(config: dict) -> nn.Module:
-    """Rebuild a network from its `config()`: `WidthConditionedNet` here, anything else by `build_net`."""
-    if config.get("kind") == "WidthConditionedNet":
-        return WidthConditionedNet(build_ws_net(config["net"]), widths=tuple(config["widths"]), width=config["width"])
-    return build_net(config)
-
-
-def load_ws_model(path: str | Path, *, use_ema: bool = True, device: torch.device | str | None = None,
-                  width: float | None = None) -> WhitenedScore:
-    """The trained whitened score of a checkpoint written by `train_score_model` with `ws_loss`.
-
-    Network rebuilt by `build_ws_net` with the EMA (or raw) weights, eval mode, gradients off; width: for a
-    `WidthConditionedNet`, the noise width to sample with (the process is rebuilt with that width).
-    Returns WhitenedScore(net, process); the process is `model.process`.
-    """
-    checkpoint = load_checkpoint(path)
-    process = sde_from_config(checkpoint["sde_config"])
-    if not isinstance(process, WSProcess):
-        raise ValueError(f"checkpoint {path}: expected a WSProcess checkpoint, got {checkpoint['sde_config']['kind']}")
-    net = build_ws_net(checkpoint["net_config"])
-    net.load_state_dict(checkpoint["ema"]["shadow"] if use_ema else checkpoint["net"])
-    net.to(device if device is not None else "cpu").eval().requires_grad_(False)
-    if width is not None:
-        if not isinstance(net, WidthConditionedNet):
-            raise ValueError(f"width: the checkpoint's net is not width-conditioned ({type(net).__name__})")
-        net.width = number(width, "width", low=0.0)
-        process = process.with_width(width)
-    return WhitenedScore(net, process)
-
-
-def ws_loss(
-    net: Callable[..., Tensor],
-    process: WSProcess,
-    x0: Tensor,
-    *,
-    generator: torch.Generator | None = None,
-    eps: float = 1e-5,
-    widths: tuple[float, float] | None = None,
-    reduction: str = "mean",
-) -> Tensor:
-    """Whitened-score matching loss, structured-noise prediction form (Alido et al. 2025).
-
-    t ~ U(eps, 1), z ~ N(0, I), x_t = a x_0 + s K z, and
-        loss = E ||net(x_t, t) - K z||^2 / (d mean(kappa^2)),
-    minimised by net = E[K z | x_t], i.e. by WhitenedScore(net) = -beta E[K z | x_t] / s = the whitened
-    score beta K K^T grad log p_t (the regression target of n is -beta K z / s). Dividing by the mean noise
-    power keeps the loss O(1) for any K; with K = I it is `dsm_loss` exactly (same draws).
-    Usable as `train_score_model(..., loss_fn=lambda net, x0, g: ws_loss(net, process, x0, generator=g))`.
-
-    net: net(x, t) -> (B, C, H, W) (called net(x, t, width=w) when `widths` is given);
-    x0: (B, C, H, W) clean images; generator: draws w, t and z; eps: smallest time;
-    widths: (lo, hi): per batch draw w ~ U(lo, hi), noise from process.with_width(w) (random-spectrum
-        training of a `WidthConditionedNet`); reduction: "mean" or "none" ((B,) per-sample losses).
-    """
-    process.check_images(x0, "x0")
-    number(eps, "eps", low=0.0, high=1.0, low_open=False, high_open=True)
-    choice(reduction, "reduction", ("mean", "none"))
-    kwargs = {}
-    if widths is not None:
-        lo, hi = widths
-        u = float(torch.rand((), generator=generator, device=x0.device, dtype=torch.float64))
-        kwargs["width"] = lo + (hi - lo) * u
-        process = process.with_width(kwargs["width"])
-    b = x0.shape[0]
-    t = eps + (1.0 - eps) * torch.rand(b, generator=generator, device=x0.device, dtype=x0.dtype)
-    z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    kz = process.apply_K(z)
-    xt = process.vp.perturb(x0, t, kz)
-    power = float(process.spectrum.pow(2).mean())
-    losses = (net(xt, t, **kwargs) - kz).pow(2).reshape(b, -1).mean(1) / power
-    return losses.mean() if reduction == "mean" else losses
 
 
 class Haze:
@@ -367,7 +37,7 @@ class Haze:
     """
 
     def __init__(self, spectrum: Tensor, sigma: float, operator: LinearOperator | None = None):
-        kappa = _check_spectrum(spectrum)
+        kappa = check_spectrum(spectrum)
         self.spectrum = kappa.clamp_min(1e-12 * float(kappa.max()))
         self.sigma = number(sigma, "sigma", low=0.0)
         self.operator = operator if operator is not None else Identity()
@@ -426,7 +96,7 @@ class _CovarianceStep:
         if c is None or tuple(c.shape) != process.size:
             raise ValueError(f"prior_spectrum: expected a (H, W) = {process.size} tensor of per-frequency variances "
                              f"(see power_spectrum), got {getattr(prior_spectrum, 'shape', prior_spectrum)!r}")
-        self.c = _check_spectrum(c, "prior_spectrum")
+        self.c = check_spectrum(c, "prior_spectrum")
         if not bool((self.c > 0).all()):
             raise ValueError("prior_spectrum: expected positive values at every frequency")
         self.process, self.likelihood = process, likelihood
@@ -671,7 +341,7 @@ def _ancestral_step(process: WSProcess, x: Tensor, t: Tensor, t_next: float, sco
     mean = w * process.tweedie(x, t, score) + per_sample(r * s_next**2 / s**2, x) * x
     power = float(v[0] * s_next[0] ** 2 / s[0] ** 2) * process.spectrum**2 + w**2 * variance
     z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-    return mean + _fourier_filter(z, power.sqrt().expand(x.shape[1:]).reshape(1, *x.shape[1:]))
+    return mean + fourier_filter(z, power.sqrt().expand(x.shape[1:]).reshape(1, *x.shape[1:]))
 
 
 def _check_sampler_options(process: WSProcess, n: int, event_shape: tuple, steps: int, t0: float,
