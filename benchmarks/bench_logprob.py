@@ -27,7 +27,7 @@ from common import write_json
 from scoreprior import GaussianScore, ScorePrior, VPSDE
 from scoreprior.data import gaussian_field, sample_gaussian
 from scoreprior.nets import UNet
-from scoreprior.training import NoisePredictionScore
+from scoreprior.noise_prediction import NoisePredictionScore
 
 
 def _median_time(fn, repeats: int) -> float:

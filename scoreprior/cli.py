@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from scoreprior._checks import integer, number, positive_float, positive_int
+from scoreprior.checkpoints import load_checkpoint
 from scoreprior.data import DATASETS, builtin_dataset, gaussian_field, load_images
 from scoreprior.density import EXACT_MAX_DIM, ScorePrior, bits_per_dim
 from scoreprior.distributed import init_from_env, item_seed, map_sharded
@@ -39,6 +40,7 @@ from scoreprior.importance import importance_draws
 from scoreprior.eht import average_visibilities, read_uvfits
 from scoreprior.likelihood import ClosureLikelihood, GaussianLikelihood
 from scoreprior.nets import UNet
+from scoreprior.noise_prediction import GaussianResidualNet
 from scoreprior.operators import (FourierMask, FourierSubsample, GaussianBlur, Identity, Inpainting, LinearOperator,
                                   uas_to_rad)
 from scoreprior.posterior import DPI, FitDiverged
@@ -47,8 +49,7 @@ from scoreprior.priors import GaussianPrior, reference_posterior
 from scoreprior.samplers import sample_prior
 from scoreprior.sde import VESDE, SubVPSDE, VPSDE
 from scoreprior.surrogate import SurrogatePrior
-from scoreprior.training import (LR_SCHEDULES, TIME_SAMPLINGS, GaussianResidualNet, TrainConfig, load_checkpoint,
-                                 train_score_model)
+from scoreprior.training import LR_SCHEDULES, TIME_SAMPLINGS, TrainConfig, train_score_model
 
 __all__ = ["main"]
 

@@ -23,28 +23,18 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from scoreprior._checks import choice, nonnegative_int, number, positive_float, positive_int
-from scoreprior.checkpoints import (
-    CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save, load_checkpoint, load_prior, weights_sha256,
-)
+from scoreprior.checkpoints import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save, load_checkpoint, weights_sha256
 from scoreprior.distributed import broadcast_from_rank0, gather_ordered, item_seed, rank_and_world
-from scoreprior.noise_prediction import GaussianResidualNet, NoisePredictionScore
+from scoreprior.noise_prediction import GaussianResidualNet
 from scoreprior.sde import SDE
 
-# CHECKPOINT_VERSION, atomic_save, load_checkpoint, load_prior, GaussianResidualNet and NoisePredictionScore
-# live in scoreprior.checkpoints and scoreprior.noise_prediction; they stay importable from here, where
-# code written before those modules existed imports them.
 __all__ = [
-    "CHECKPOINT_VERSION",
-    "NoisePredictionScore",
-    "GaussianResidualNet",
     "dsm_loss",
     "EMA",
     "TrainConfig",
     "TrainResult",
     "train_score_model",
     "save_checkpoint",
-    "load_checkpoint",
-    "load_prior",
 ]
 
 TIME_SAMPLINGS = ("uniform", "likelihood")

@@ -44,7 +44,7 @@ from scoreprior.data import BLACKHOLE_FOV_UAS, blackhole_images, ring_radius
 from scoreprior.demo import DemoConfig, fit_posterior, simulate_observation
 from scoreprior.pretrained import pretrained
 from scoreprior.surrogate import SurrogatePrior
-from scoreprior.training import atomic_save
+from scoreprior.checkpoints import atomic_save
 
 TRUTH_SEED = 50_000
 SBC_FUNCTIONALS = {"flux": FUNCTIONALS["flux"],

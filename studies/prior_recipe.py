@@ -54,7 +54,7 @@ from scoreprior.samplers import sample_prior  # noqa: E402
 from scoreprior.scores import GaussianScore  # noqa: E402
 from scoreprior.sde import VPSDE  # noqa: E402
 from scoreprior.surrogate import SurrogatePrior  # noqa: E402
-from scoreprior.training import NoisePredictionScore  # noqa: E402
+from scoreprior.noise_prediction import NoisePredictionScore  # noqa: E402
 
 T0 = 1e-3
 GAUSSIAN_ALONE = "the training set's Gaussian alone (no network)"

@@ -62,7 +62,8 @@ from scoreprior.priors import GaussianPrior
 from scoreprior.samplers import sample_prior
 from scoreprior.scores import GaussianScore
 from scoreprior.sde import VPSDE
-from scoreprior.training import GaussianResidualNet, TrainConfig, train_score_model
+from scoreprior.noise_prediction import GaussianResidualNet
+from scoreprior.training import TrainConfig, train_score_model
 
 CHANNELS = (16, 32, 64)
 FOURIER_SCALE = 1.0

@@ -55,7 +55,8 @@ from scoreprior.nets import UNet
 from scoreprior.operators import GaussianBlur
 from scoreprior.samplers import dps
 from scoreprior.sde import VPSDE
-from scoreprior.training import NoisePredictionScore, TrainConfig, train_score_model
+from scoreprior.noise_prediction import NoisePredictionScore
+from scoreprior.training import TrainConfig, train_score_model
 from scoreprior.ws import Haze, WhitenedScore, WSProcess, gaussian_spectrum, power_spectrum, ws_loss, ws_sample
 
 TRAIN_IMAGES = ("camera", "astronaut", "coffee", "chelsea")

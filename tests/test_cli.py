@@ -11,7 +11,7 @@ import torch
 from scoreprior.cli import main
 from scoreprior.data import builtin_dataset
 from scoreprior.pretrained import available_priors
-from scoreprior.training import load_checkpoint
+from scoreprior.checkpoints import load_checkpoint
 
 SMALL = ["--size", "8", "--n", "64", "--channels", "8,16", "--batch-size", "8"]
 

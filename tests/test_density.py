@@ -86,7 +86,7 @@ def test_probes_are_reproducible_from_the_generator():
 
 def _small_net_prior(dtype=torch.float64):
     from scoreprior.nets import UNet
-    from scoreprior.training import NoisePredictionScore
+    from scoreprior.noise_prediction import NoisePredictionScore
 
     torch.manual_seed(0)
     net = UNet(1, channels=(8, 16)).to(dtype).eval()

@@ -25,7 +25,8 @@ from scoreprior.distributed import (
 from scoreprior.nets import UNet
 from scoreprior.scores import GaussianScore
 from scoreprior.sde import VPSDE
-from scoreprior.training import TrainConfig, dsm_loss, load_checkpoint, train_score_model
+from scoreprior.checkpoints import load_checkpoint
+from scoreprior.training import TrainConfig, dsm_loss, train_score_model
 from test_training import FAST, gaussian_vectors, make_mlp
 
 WORLD = 2

@@ -9,7 +9,8 @@ from scoreprior.nets import UNet
 from scoreprior.pretrained import available_priors, export_pretrained, load_pretrained, pretrained, record_metadata
 from scoreprior.scores import GaussianScore
 from scoreprior.sde import VPSDE
-from scoreprior.training import TrainConfig, load_checkpoint, load_prior, train_score_model
+from scoreprior.checkpoints import load_checkpoint, load_prior
+from scoreprior.training import TrainConfig, train_score_model
 
 # The package exports the function `pretrained`, which hides the submodule of the same name.
 pretrained_module = importlib.import_module("scoreprior.pretrained")

@@ -13,18 +13,9 @@ from scoreprior.pretrained import export_pretrained, load_pretrained
 from scoreprior.priors import GaussianPrior
 from scoreprior.scores import GaussianScore
 from scoreprior.sde import VPSDE
-from scoreprior.training import (
-    CHECKPOINT_VERSION,
-    EMA,
-    GaussianResidualNet,
-    NoisePredictionScore,
-    TrainConfig,
-    dsm_loss,
-    load_checkpoint,
-    load_prior,
-    save_checkpoint,
-    train_score_model,
-)
+from scoreprior.checkpoints import CHECKPOINT_VERSION, load_checkpoint, load_prior
+from scoreprior.noise_prediction import GaussianResidualNet, NoisePredictionScore
+from scoreprior.training import EMA, TrainConfig, dsm_loss, save_checkpoint, train_score_model
 
 
 class ExactNoisePredictor(nn.Module):

@@ -9,7 +9,8 @@ from scoreprior.likelihood import FourierDiagonalCovariance, GaussianLikelihood
 from scoreprior.nets import UNet
 from scoreprior.operators import GaussianBlur, Identity, Inpainting
 from scoreprior.sde import VPSDE, sde_from_config
-from scoreprior.training import NoisePredictionScore, TrainConfig, dsm_loss, train_score_model
+from scoreprior.noise_prediction import NoisePredictionScore
+from scoreprior.training import TrainConfig, dsm_loss, train_score_model
 from scoreprior.ws.sampling import _CovarianceStep, _time_grid  # private pieces checked against dense algebra / formulas
 from scoreprior.ws import (
     GaussianWhitenedScore, Haze, WhitenedScore, WidthConditionedNet, WSProcess, build_ws_net, choose_lambda,
