@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
@@ -92,24 +91,36 @@ def train(process, data_: torch.Tensor, s: dict, seed: int, checkpoint: Path, lo
     return net, {"first_loss": first, "final_loss": result.final_loss, "wall_s": result.wall_time}
 
 
+class Counted:
+    """A model (x, t) -> tensor that counts its calls: the network evaluations a sampler made."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.model(x, t)
+
+
 def reconstruct(method: str, models: dict, lik, seed: int, s: dict, lam: float = 1.0) -> tuple[torch.Tensor, int]:
     """`s["draws"]` posterior draws (draws, 1, SIZE, SIZE) for the measurement in `lik`, clipped to [0, 1], and the
-    network evaluations they took."""
+    network evaluations they took (counted, pilot runs of lam="auto" included)."""
     g = torch.Generator().manual_seed(seed)
     shape = (1, SIZE, SIZE)
     if method == "vp_dps":
-        x = dps(models["vp_score"], VPSDE(), lik, s["draws"], shape, steps=s["dps_steps"], generator=g, progress=False)
-        return x.clamp(0, 1), s["dps_steps"]
+        score = Counted(models["vp_score"])
+        x = dps(score, VPSDE(), lik, s["draws"], shape, steps=s["dps_steps"], generator=g, progress=False)
+        return x.clamp(0, 1), score.calls
     steps = {"ws_fast": s["fast_steps"], "ws_fast_uniform": s["fast_steps"], "ws_long": s["long_steps"]}.get(
         method, s["steps"])
     model, process = models["vp_as_ws"] if method == "vp" else models["ws"]
+    model = Counted(model)
     auto = {"auto_grid": (1.0, *s["lam_grid"]), "auto_n": s["draws"]} if method == "ws_auto" else {}
     grid = {"time_grid": "uniform"} if method == "ws_fast_uniform" else {}
     lam = "auto" if auto else lam
     x = ws_sample(model, process, s["draws"], shape, likelihood=lik, lam=lam, prior_spectrum=models["spectrum"],
                   steps=steps, generator=g, progress=False, **auto, **grid)
-    pilot = len(auto["auto_grid"]) * (max(steps // 4, math.floor(process.vp.beta_max) + 1) + 1) if auto else 0
-    return x.clamp(0, 1), steps + 1 + pilot
+    return x.clamp(0, 1), model.calls
 
 
 def scores(draws: list[torch.Tensor], truth: torch.Tensor) -> dict:

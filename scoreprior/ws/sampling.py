@@ -249,9 +249,8 @@ def ws_sample(
             raise ValueError("lam: 'auto' needs a likelihood")
         pilot_steps = auto_steps or max(steps // 4, math.floor(process.vp.beta_max) + 1)
         lam, _ = choose_lambda(model, process, likelihood, event_shape, grid=auto_grid, n=auto_n, steps=pilot_steps,
-                               t0=t0, normalize=normalize, residual=residual, prior_spectrum=prior_spectrum, method=method,
-                               init=init,
-                               generator=generator, dtype=dtype, device=device)
+                               t0=t0, normalize=normalize, residual=residual, prior_spectrum=prior_spectrum,
+                               method=method, init=init, generator=generator, dtype=dtype, device=device)
     if not callable(lam):
         number(lam, "lam", low=0.0, low_open=False)
     schedule = lam if callable(lam) else (lambda t, value=float(lam): value)
