@@ -52,7 +52,7 @@ def _make_prior(kind: str, score: _FieldPlusNet, t0: float, tol: float) -> tuple
 def _dpi_step_time(kind: str, size: int, batch: int, steps: int, t0: float, tol: float) -> dict:
     from scoreprior import GaussianLikelihood
     from scoreprior.operators import Identity
-    from scoreprior.posterior import DPI
+    from scoreprior.posterior import DPI, FitConfig
 
     torch.manual_seed(0)
     score = _FieldPlusNet(size)
@@ -64,7 +64,7 @@ def _dpi_step_time(kind: str, size: int, batch: int, steps: int, t0: float, tol:
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        dpi.fit(prior, likelihood, steps=1, batch_size=batch, warmup=1, prior_kwargs=prior_kwargs,
+        dpi.fit(prior, likelihood, FitConfig(steps=1, batch_size=batch, warmup=1), prior_kwargs=prior_kwargs,
                 progress=False)
         times.append(time.perf_counter() - start)
     return {"prior": kind, "size": f"{size}x{size}", "batch": batch, "steps_timed": steps,

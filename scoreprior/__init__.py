@@ -18,11 +18,11 @@ from scoreprior.likelihood import (
 )
 from scoreprior.nets import MLP, UNet, build_net
 from scoreprior.noise_prediction import GaussianResidualNet, NoisePredictionScore
-from scoreprior.posterior import DPI, FitDiverged
+from scoreprior.posterior import DPI, FitConfig, FitDiverged
 from scoreprior.pretrained import available_priors, pretrained
 from scoreprior.priors import GaussianPrior, gaussian_posterior, reference_posterior
 from scoreprior.protocols import Likelihood, Prior
-from scoreprior.samplers import dps, sample_prior, score_ald, sde_projection
+from scoreprior.samplers import Run, dps, sample_prior, score_ald, sde_projection
 from scoreprior.scores import GaussianMixtureScore, GaussianScore
 from scoreprior.sde import SDE, VESDE, SubVPSDE, VPSDE, sde_from_config
 from scoreprior.surrogate import SurrogatePrior
@@ -39,9 +39,9 @@ __all__ = [
     "Prior", "Likelihood", "ScorePrior", "bits_per_dim", "SurrogatePrior", "GaussianPrior", "gaussian_posterior", "reference_posterior",
     "check_posterior", "importance_draws", "PosteriorCheck",
     "GaussianLikelihood", "ClosureLikelihood", "NoiseCovariance", "DiagonalCovariance", "FourierDiagonalCovariance",
-    "UNet", "MLP", "build_net", "DPI", "FitDiverged",
+    "UNet", "MLP", "build_net", "DPI", "FitConfig", "FitDiverged",
     "NoisePredictionScore", "GaussianResidualNet", "EMA", "TrainConfig", "TrainResult", "dsm_loss", "train_score_model",
     "save_checkpoint", "load_checkpoint", "load_prior", "pretrained", "available_priors",
-    "sample_prior", "dps", "score_ald", "sde_projection",
+    "Run", "sample_prior", "dps", "score_ald", "sde_projection",
     "WSProcess", "WhitenedScore", "Haze", "ws_loss", "ws_sample", "sweep_lambda", "load_ws_model", "power_spectrum",
 ]

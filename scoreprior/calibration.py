@@ -23,7 +23,7 @@ from scoreprior._checks import nonnegative_int, positive_float, positive_int
 from scoreprior.distributed import map_sharded
 from scoreprior.likelihood import GaussianLikelihood
 from scoreprior.operators import LinearOperator
-from scoreprior.posterior import DPI
+from scoreprior.posterior import DPI, FitConfig
 from scoreprior.priors import GaussianPrior, gaussian_posterior
 from scoreprior.protocols import Prior
 
@@ -94,8 +94,8 @@ class DPIPosterior:
         """Fit, then n draws: {"samples": (n, *image_shape), "log_q": (n,), "final_loss": 0-d, "skipped": 0-d}."""
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
         dpi = DPI(self.image_shape, n_flows=self.n_flows, hidden=self.hidden, init_scale=self.init_scale, seed=seed)
-        history = dpi.fit(self.prior, likelihood, steps=self.steps, batch_size=self.batch_size, lr=self.lr,
-                          warmup=min(100, self.steps // 10), prior_kwargs=self.prior_kwargs, progress=False,
+        config = FitConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, warmup=min(100, self.steps // 10))
+        history = dpi.fit(self.prior, likelihood, config, prior_kwargs=self.prior_kwargs, progress=False,
                           generator=generator)
         with torch.no_grad():
             samples, log_q = dpi.sample(n, generator=generator)

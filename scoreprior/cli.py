@@ -43,10 +43,10 @@ from scoreprior.nets import UNet
 from scoreprior.noise_prediction import GaussianResidualNet
 from scoreprior.operators import (FourierMask, FourierSubsample, GaussianBlur, Identity, Inpainting, LinearOperator,
                                   uas_to_rad)
-from scoreprior.posterior import DPI, FitDiverged
+from scoreprior.posterior import DPI, FitConfig, FitDiverged
 from scoreprior.pretrained import load_score_prior
 from scoreprior.priors import GaussianPrior, reference_posterior
-from scoreprior.samplers import sample_prior
+from scoreprior.samplers import Run, sample_prior
 from scoreprior.sde import VESDE, SubVPSDE, VPSDE
 from scoreprior.surrogate import SurrogatePrior
 from scoreprior.training import LR_SCHEDULES, TIME_SAMPLINGS, TrainConfig, train_score_model
@@ -345,37 +345,11 @@ def _finite_or_none(values: list[float]) -> list[float | None]:
 def _posterior(args: argparse.Namespace) -> int:
     from scoreprior import plots  # optional dependency, needed before the (long) fit, not by other commands
 
-    _check_posterior_source(args)
-    if args.n_samples < 2:
-        raise ValueError(f"--n-samples: expected at least 2 draws for a standard deviation, got {args.n_samples}")
-    if args.check and not 25 <= args.check <= args.n_samples:
-        raise ValueError(f"--check: expected 0 or a number of draws in [25, --n-samples = {args.n_samples}] "
-                         f"(PSIS needs 25), got {args.check}")
-    if args.reference_samples == 1 or args.reference_samples < 0:
-        raise ValueError(f"--reference-samples: expected 0 (no reference) or at least 2 draws, got "
-                         f"{args.reference_samples}")
-    _require_positive(args, "steps", "batch_size", "n_flows")
-    _require_positive(args, "warmup", minimum=0)
+    _check_posterior_options(args)
     out = _check_out(args.out)
-    generator = torch.Generator().manual_seed(args.seed)
-
     prior = _load_prior(args.checkpoint, "checkpoint", t0=args.t0)
     image_shape = tuple(prior.event_shape)
-    truth = None
-    if args.truth is not None:
-        truth = load_images(args.truth)[:1]
-        if tuple(truth.shape[1:]) != image_shape:
-            raise ValueError(f"--truth {args.truth}: expected images of shape (N, {', '.join(map(str, image_shape))}) "
-                             f"for checkpoint {args.checkpoint}, got {tuple(truth.shape)}")
-        _check_range(truth, prior, f"--truth {args.truth}")
-    if args.uvfits is not None:
-        likelihood = _closure_likelihood(args, image_shape)
-        operator, what = likelihood.operator, f"{likelihood!r}"
-    else:
-        operator = _build_operator(args.operator, image_shape, generator)
-        likelihood = _measurement(args, operator, image_shape, truth, generator)
-        what = f"{operator!r}, sigma {args.sigma}"
-
+    truth, likelihood, operator, what = _posterior_problem(args, prior)
     if args.prior == "exact":
         log_prior = prior
         prior_kwargs = dict(divergence="hutchinson", adjoint=True, rtol=1e-3, atol=1e-3)
@@ -388,8 +362,8 @@ def _posterior(args: argparse.Namespace) -> int:
     print(f"fitting a DPI posterior ({args.n_flows} flow steps) for {what}, "
           f"{args.prior} prior from {args.checkpoint}, {args.steps} steps of {args.batch_size} draws")
     start = time.perf_counter()
-    history = dpi.fit(log_prior, likelihood, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      warmup=min(args.warmup, args.steps), prior_kwargs=prior_kwargs,
+    config = FitConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=min(args.warmup, args.steps))
+    history = dpi.fit(log_prior, likelihood, config, prior_kwargs=prior_kwargs,
                       generator=torch.Generator().manual_seed(args.seed))
     seconds = time.perf_counter() - start
 
@@ -429,16 +403,57 @@ def _posterior(args: argparse.Namespace) -> int:
         print(f"posterior mean RMSE to the truth {rmse:.4g}, mean posterior std {std.mean().item():.4g}")
     print(f"wrote {out / 'samples.npz'}, {out / 'posterior.png'} and {out / 'history.json'}")
     if args.check:
-        options = dict(divergence="hutchinson", n_probes=args.check_probes, rtol=1e-3, atol=1e-3)
-        print(f"weighing {args.check} draws with the exact ODE density ({args.check_probes} probes x 2 repeats)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # the verdict is printed below
-            check = importance_draws(samples[:args.check], log_q[:args.check], prior, likelihood,
-                                     log_prob_kwargs=options, generator=torch.Generator().manual_seed(args.seed + 2),
-                                     progress=True)
-        (out / "check.json").write_text(json.dumps(check.to_dict(), indent=2))
-        print(f"exact-density check: {check.verdict}\nwrote {out / 'check.json'}")
+        _weigh_draws(args, samples, log_q, prior, likelihood, out)
     return 0
+
+
+def _check_posterior_options(args: argparse.Namespace) -> None:
+    """The `posterior` command's checks that need no file: the data source and the counts."""
+    _check_posterior_source(args)
+    if args.n_samples < 2:
+        raise ValueError(f"--n-samples: expected at least 2 draws for a standard deviation, got {args.n_samples}")
+    if args.check and not 25 <= args.check <= args.n_samples:
+        raise ValueError(f"--check: expected 0 or a number of draws in [25, --n-samples = {args.n_samples}] "
+                         f"(PSIS needs 25), got {args.check}")
+    if args.reference_samples == 1 or args.reference_samples < 0:
+        raise ValueError(f"--reference-samples: expected 0 (no reference) or at least 2 draws, got "
+                         f"{args.reference_samples}")
+    _require_positive(args, "steps", "batch_size", "n_flows")
+    _require_positive(args, "warmup", minimum=0)
+
+
+def _posterior_problem(args: argparse.Namespace, prior: ScorePrior
+                       ) -> tuple[Tensor | None, GaussianLikelihood | ClosureLikelihood, LinearOperator, str]:
+    """The `posterior` command's truth (or None), likelihood, operator and a description of them."""
+    generator = torch.Generator().manual_seed(args.seed)
+    image_shape = tuple(prior.event_shape)
+    truth = None
+    if args.truth is not None:
+        truth = load_images(args.truth)[:1]
+        if tuple(truth.shape[1:]) != image_shape:
+            raise ValueError(f"--truth {args.truth}: expected images of shape (N, {', '.join(map(str, image_shape))}) "
+                             f"for checkpoint {args.checkpoint}, got {tuple(truth.shape)}")
+        _check_range(truth, prior, f"--truth {args.truth}")
+    if args.uvfits is not None:
+        likelihood = _closure_likelihood(args, image_shape)
+        return truth, likelihood, likelihood.operator, f"{likelihood!r}"
+    operator = _build_operator(args.operator, image_shape, generator)
+    likelihood = _measurement(args, operator, image_shape, truth, generator)
+    return truth, likelihood, operator, f"{operator!r}, sigma {args.sigma}"
+
+
+def _weigh_draws(args: argparse.Namespace, samples: Tensor, log_q: Tensor, prior: ScorePrior,
+                 likelihood: GaussianLikelihood | ClosureLikelihood, out: Path) -> None:
+    """--check: weigh the first draws with the exact ODE density; write check.json and print the verdict."""
+    options = dict(divergence="hutchinson", n_probes=args.check_probes, rtol=1e-3, atol=1e-3)
+    print(f"weighing {args.check} draws with the exact ODE density ({args.check_probes} probes x 2 repeats)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the verdict is printed below
+        check = importance_draws(samples[:args.check], log_q[:args.check], prior, likelihood,
+                                 log_prob_kwargs=options, generator=torch.Generator().manual_seed(args.seed + 2),
+                                 progress=True)
+    (out / "check.json").write_text(json.dumps(check.to_dict(), indent=2))
+    print(f"exact-density check: {check.verdict}\nwrote {out / 'check.json'}")
 
 
 def _check_posterior_source(args: argparse.Namespace) -> None:
@@ -486,8 +501,8 @@ def _reference(
         return None
     start = time.perf_counter()
     draws = sample_prior(prior.score, prior.sde, args.reference_samples, tuple(prior.event_shape),
-                         steps=args.reference_steps, t0=prior.t0,
-                         generator=torch.Generator().manual_seed(args.seed + 3), progress=True)
+                         steps=args.reference_steps,
+                         run=Run(t0=prior.t0, generator=torch.Generator().manual_seed(args.seed + 3)))
     a0 = float(prior.sde.marginal(torch.tensor([prior.t0], dtype=torch.float64))[0])
     # Draws of p_t0 / a0 carry half the smoothing of the density the surrogate bounds; the floor adds the rest.
     smoothing = SurrogatePrior(prior.score, prior.sde, t0=prior.t0).smoothing
@@ -551,18 +566,8 @@ PRIOR_HELP = ("checkpoint written by `scoreprior train`, an exported prior file,
               "(blackhole-32, natural-16, natural-32, faces-24, gaussian-16)")
 
 
-def _parser() -> argparse.ArgumentParser:
-    # --debug and --threads go before or after the command. The parsers share these actions: with a
-    # SUPPRESS default, a subcommand leaves a value given before it alone (main reads them with getattr).
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show the traceback of an error instead of a one-line message")
-    common.add_argument("--threads", type=int, default=argparse.SUPPRESS, metavar="N",
-                        help="torch intra-op threads (default: torch's, one per core; 1 is often as fast for "
-                             "these small tensors and never slowed down by other busy processes)")
-    parser = argparse.ArgumentParser(prog="scoreprior", description=__doc__.split("\n")[0], parents=[common])
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_train(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add the `train` command: score-model training."""
     defaults = argparse.ArgumentDefaultsHelpFormatter
     train = sub.add_parser("train", help="train a U-Net score prior by denoising score matching",
                            formatter_class=defaults, parents=[common])
@@ -592,6 +597,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="cpu", help="torch device to train on")
     train.set_defaults(run=_train)
 
+
+def _add_logprob(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add the `logprob` command: log-densities of images."""
+    defaults = argparse.ArgumentDefaultsHelpFormatter
     logprob = sub.add_parser("logprob", help="log-density of images under a trained prior",
                              description=f"Per-image log p (nats) and bits/dim; {BPD_NOTE}.",
                              formatter_class=defaults, parents=[common])
@@ -612,6 +621,10 @@ def _parser() -> argparse.ArgumentParser:
     logprob.add_argument("--device", default="cpu", help="torch device to run on")
     logprob.set_defaults(run=_logprob)
 
+
+def _add_demo(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add the `demo` command."""
+    defaults = argparse.ArgumentDefaultsHelpFormatter
     demo = sub.add_parser("demo", help="image a simulated EHT observation of a black hole with the shipped prior",
                           description="With the shipped blackhole-32 score prior, simulate an EHT 2017 observation "
                                       "of a held-apart crescent at M87's coordinates, fit the DPI posterior with "
@@ -625,6 +638,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seeds the truth, the noise, the flow and the draws")
     demo.set_defaults(run=_demo)
 
+
+def _add_posterior(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add the `posterior` command: a DPI fit."""
+    defaults = argparse.ArgumentDefaultsHelpFormatter
     posterior = sub.add_parser("posterior", help="fit a DPI variational posterior p(x | y) under a trained prior",
                                description="Fit a normalizing-flow posterior (Deep Probabilistic Imaging) to a "
                                            "measurement y = A x + noise, or to the closure quantities of real "
@@ -672,6 +689,10 @@ def _parser() -> argparse.ArgumentParser:
     posterior.add_argument("--check-probes", type=int, default=4, help="Hutchinson probes per evaluation of that check")
     posterior.set_defaults(run=_posterior)
 
+
+def _add_calibrate(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add the `calibrate` command: coverage, SBC and TARP over problems."""
+    defaults = argparse.ArgumentDefaultsHelpFormatter
     calibrate = sub.add_parser("calibrate", help="coverage, SBC and TARP of a posterior over many simulated problems",
                                description="Simulate problems (truth from the gaussian-field model of the image "
                                            "size, y = A x + noise), draw the posterior of each (exact Gaussian "
@@ -698,8 +719,22 @@ def _parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--t0", type=float, default=1e-3, help="smallest diffusion time of a checkpoint prior")
     calibrate.add_argument("--seed", type=int, default=0, help="seeds masks, problems and TARP references")
     calibrate.set_defaults(run=_calibrate)
-    return parser
 
+def _parser() -> argparse.ArgumentParser:
+    # --debug and --threads go before or after the command. The parsers share these actions: with a
+    # SUPPRESS default, a subcommand leaves a value given before it alone (main reads them with getattr).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error instead of a one-line message")
+    common.add_argument("--threads", type=int, default=argparse.SUPPRESS, metavar="N",
+                        help="torch intra-op threads (default: torch's, one per core; 1 is often as fast for "
+                             "these small tensors and never slowed down by other busy processes)")
+    parser = argparse.ArgumentParser(prog="scoreprior", description=__doc__.split("\n")[0], parents=[common])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for add in (_add_train, _add_logprob, _add_demo, _add_posterior, _add_calibrate):
+        add(sub, common)
+    return parser
 
 _BAD_INPUT = (ValueError, TypeError, OSError, ImportError)
 

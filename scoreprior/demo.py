@@ -31,11 +31,11 @@ from scoreprior.data import BLACKHOLE_FOV_UAS, blackhole_images, ring_radius
 from scoreprior.density import ScorePrior
 from scoreprior.diagnostics import credible_interval, to_datatree
 from scoreprior.eht import load_array, uv_coverage
-from scoreprior.importance import importance_draws
+from scoreprior.importance import PosteriorCheck, importance_draws
 from scoreprior.likelihood import ClosureLikelihood, GaussianLikelihood
 from scoreprior.metrics import nxcorr
 from scoreprior.operators import Interferometer, uas_to_rad
-from scoreprior.posterior import DPI
+from scoreprior.posterior import DPI, FitConfig
 from scoreprior.pretrained import pretrained
 from scoreprior.priors import reference_posterior
 from scoreprior.surrogate import SurrogatePrior
@@ -146,8 +146,9 @@ def fit_posterior(
                          f"got {tuple(images.shape)}")
     reference = reference_posterior(images, likelihood, floor=surrogate.smoothing)
     dpi = DPI(shape, n_flows=config.n_flows, reference=reference, seed=seed)
-    history = dpi.fit(surrogate, likelihood, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
-                      warmup=max(1, config.steps // 10), progress=progress)
+    options = FitConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr,
+                        warmup=max(1, config.steps // 10))
+    history = dpi.fit(surrogate, likelihood, options, progress=progress)
     return dpi, history
 
 
@@ -179,10 +180,6 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, *, progress: boo
         samples, log_q = dpi.sample(config.n_samples, generator=torch.Generator().manual_seed(config.seed + 1))
     mean, std = samples.mean(0), samples.std(0)
     covered = _coverage_map(samples, truth[0], config.prob)
-    diameter = ring_radius(samples, fov_uas=fov) * 2
-    true_diameter = float(params["diameter_uas"][0])
-    measured_truth_diameter = float(ring_radius(truth, fov_uas=fov)[0]) * 2
-    diameter_eti95 = credible_interval(diameter[:, None], 0.95, kind="eti")[0].tolist()
 
     tick = time.perf_counter()
     options = dict(divergence="hutchinson", n_probes=config.probes, rtol=1e-3, atol=1e-3)
@@ -201,19 +198,7 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, *, progress: boo
         "config": asdict(config),
         "observation": observation,
         "truth": {key: float(value[0]) for key, value in params.items() if key != "fov_uas"} | {"fov_uas": fov},
-        "posterior": {
-            "method": "DPI (RealNVP from a Gaussian reference) with the surrogate (ELBO) prior",
-            "coverage": {"level": config.prob, "kind": "eti", "fraction_of_pixels": float(covered.mean())},
-            "nxcorr_mean_truth": nxcorr(mean, truth[0]),
-            "rmse_over_peak": float((mean - truth[0]).square().mean().sqrt() / truth.max()),
-            "ring_diameter_uas": {"truth_model": true_diameter, "truth_measured": measured_truth_diameter,
-                                  "posterior_mean": float(diameter.mean()), "posterior_std": float(diameter.std()),
-                                  "posterior_eti95": diameter_eti95,
-                                  "truth_inside_eti95": diameter_eti95[0] <= measured_truth_diameter
-                                  <= diameter_eti95[1]},
-            "flux": {"truth": float(truth.sum()), "posterior_mean": float(samples.sum((1, 2, 3)).mean()),
-                     "posterior_std": float(samples.sum((1, 2, 3)).std())},
-        },
+        "posterior": _posterior_metrics(samples, truth, float(params["diameter_uas"][0]), covered, config.prob),
         "exact_check": {
             "what": f"PSIS of {check.n} draws against the exact probability-flow ODE density (Hutchinson, "
                     f"{config.probes} probes x {config.repeats} repeats, rtol = atol = 1e-3)",
@@ -228,12 +213,40 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, *, progress: boo
     fig.savefig(out / "report.png", dpi=110)
     seconds["total"] = time.perf_counter() - start
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    post = metrics["posterior"]
+    _print_summary(metrics, check, config.prob)
+    print(f"wrote {out / 'report.png'}, {out / 'samples.nc'}, {out / 'metrics.json'}")
+    return metrics
+
+
+def _posterior_metrics(samples: Tensor, truth: Tensor, true_diameter: float, covered: Tensor, prob: float) -> dict:
+    """The demo's numbers of the posterior draws (N, 1, H, W) against the truth (1, 1, H, W): pixel coverage of
+    the `prob` interval (`covered`: the per-pixel map), nxcorr and RMSE of the mean, ring diameter and flux."""
+    mean = samples.mean(0)
+    diameter = ring_radius(samples, fov_uas=BLACKHOLE_FOV_UAS) * 2
+    measured = float(ring_radius(truth, fov_uas=BLACKHOLE_FOV_UAS)[0]) * 2
+    eti95 = credible_interval(diameter[:, None], 0.95, kind="eti")[0].tolist()
+    flux = samples.sum((1, 2, 3))
+    return {
+        "method": "DPI (RealNVP from a Gaussian reference) with the surrogate (ELBO) prior",
+        "coverage": {"level": prob, "kind": "eti", "fraction_of_pixels": float(covered.mean())},
+        "nxcorr_mean_truth": nxcorr(mean, truth[0]),
+        "rmse_over_peak": float((mean - truth[0]).square().mean().sqrt() / truth.max()),
+        "ring_diameter_uas": {"truth_model": true_diameter, "truth_measured": measured,
+                              "posterior_mean": float(diameter.mean()), "posterior_std": float(diameter.std()),
+                              "posterior_eti95": eti95, "truth_inside_eti95": eti95[0] <= measured <= eti95[1]},
+        "flux": {"truth": float(truth.sum()), "posterior_mean": float(flux.mean()), "posterior_std": float(flux.std())},
+    }
+
+
+def _print_summary(metrics: dict, check: PosteriorCheck, prob: float) -> None:
+    """The demo's closing lines: coverage, ring, the exact-density verdict and the times."""
+    post, seconds = metrics["posterior"], metrics["seconds"]
     ring = post["ring_diameter_uas"]
-    print(f"posterior: {post['coverage']['fraction_of_pixels']:.1%} of pixels inside the {config.prob:.0%} interval; "
+    print(f"posterior: {post['coverage']['fraction_of_pixels']:.1%} of pixels inside the {prob:.0%} interval; "
           f"nxcorr(mean, truth) {post['nxcorr_mean_truth']:.3f}; ring diameter {ring['posterior_mean']:.1f} ± "
-          f"{ring['posterior_std']:.1f} µas, 95 % interval {diameter_eti95[0]:.1f}-{diameter_eti95[1]:.1f} "
-          f"(truth {measured_truth_diameter:.1f} measured the same way, model {true_diameter:.1f})")
+          f"{ring['posterior_std']:.1f} µas, 95 % interval {ring['posterior_eti95'][0]:.1f}-"
+          f"{ring['posterior_eti95'][1]:.1f} (truth {ring['truth_measured']:.1f} measured the same way, model "
+          f"{ring['truth_model']:.1f})")
     print(f"exact-density check: {check.verdict}")
     print(f"  (the fit targets the surrogate (ELBO) prior; against the network's exact ODE density its log weights "
           f"spread {check.log_weight_spread:.0f} nats over the draws: "
@@ -242,5 +255,3 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, *, progress: boo
           + ")")
     print(f"time: DPI {seconds['dpi_fit']:.0f} s, exact check {seconds['exact_check']:.0f} s, "
           f"total {seconds['total']:.0f} s")
-    print(f"wrote {out / 'report.png'}, {out / 'samples.nc'}, {out / 'metrics.json'}")
-    return metrics

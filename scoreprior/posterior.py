@@ -29,22 +29,23 @@ from __future__ import annotations
 import inspect
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import normflows as nf
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from scoreprior._checks import (
     batch_shape, choice, implements, integer, nonnegative_int, number, positive_float, positive_int,
 )
 from scoreprior.checkpoints import atomic_save, check_weights, read_checkpoint_file, weights_sha256
+from scoreprior.optim import optimise
 from scoreprior.priors import GaussianPrior
 from scoreprior.protocols import Likelihood, Prior
 
-__all__ = ["DPI", "FitDiverged"]
+__all__ = ["DPI", "FitConfig", "FitDiverged"]
 
 _HISTORY_KEYS = ("loss", "nll", "neg_log_prior", "log_q", "flux_penalty", "skipped")
 _CHECKPOINT_FORMAT = "scoreprior.DPI/1"
@@ -61,6 +62,85 @@ class FitDiverged(RuntimeError):
         super().__init__(message)
         self.step = step
         self.history = history
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Options of `DPI.fit`, validated once, on construction (ValueError / TypeError naming the option).
+
+    steps: total number of optimiser steps (a resumed run continues up to it); batch_size: draws per step.
+    lr: Adam learning rate, reached by a linear warm-up over `warmup` steps; then kept ("constant",
+        as in Feng et al.) or decayed to 0 at `steps` by a half cosine ("cosine": the last steps average
+        out the gradient noise, several times smaller mean errors for the same number of steps); see
+        `learning_rate`.
+    grad_clip: global-norm clipping threshold (None: no clipping).
+    data_weight, prior_weight: weights (>= 0) of -log p(y | x) and -log p(x) in the loss (`DPI.fit`).
+    flux_weight: weight (>= 0) of the soft flux constraint, used only when the DPI has `flux`; None: the
+        default 1 / (2 (0.01 F)^2) of that flux F, i.e. a Gaussian of 1 % of F.
+    path_gradient: differentiate log q_phi(x) only through the draw x, phi held fixed in the density
+        ("sticking the landing", Roeder, Wu & Duvenaud, NeurIPS 2017): unbiased since E_q[grad_phi log q]
+        = 0, and of vanishing variance as q approaches the posterior; costs one inverse pass per step
+        (about 1.5x the time). On the 16x16 Gaussian test it cut the std error from 7% to 2% at equal
+        steps. False: the plain reparameterisation gradient of Sun & Bouman.
+    checkpoint_every: steps between checkpoints when `DPI.fit` is given a checkpoint file (and one at the end).
+    max_consecutive_skips: a step whose loss or gradient is NaN/inf is skipped (no parameter or
+        optimiser update, counted in history["skipped"]); this many in a row raise `FitDiverged`.
+    log_every: steps over which the progress bar's running means are taken.
+
+    Example:
+        >>> config = FitConfig(steps=300, lr=1e-2)  # warm-up over 100 steps, then a cosine over 200
+        >>> [config.learning_rate(k) for k in (0, 99, 200)]
+        [0.0001, 0.01, 0.005]
+    """
+
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 100
+    schedule: str = "cosine"
+    grad_clip: float | None = 1.0
+    data_weight: float = 1.0
+    prior_weight: float = 1.0
+    flux_weight: float | None = None
+    path_gradient: bool = True
+    checkpoint_every: int = 200
+    max_consecutive_skips: int = 20
+    log_every: int = 10
+
+    def __post_init__(self):
+        checked = {
+            "steps": positive_int(self.steps, "steps"),
+            "batch_size": positive_int(self.batch_size, "batch_size"),
+            "lr": positive_float(self.lr, "lr"),
+            "warmup": nonnegative_int(self.warmup, "warmup"),
+            "schedule": choice(self.schedule, "schedule", ("cosine", "constant")),
+            "grad_clip": None if self.grad_clip is None else positive_float(self.grad_clip, "grad_clip"),
+            "data_weight": number(self.data_weight, "data_weight", low=0.0, low_open=False),
+            "prior_weight": number(self.prior_weight, "prior_weight", low=0.0, low_open=False),
+            "flux_weight": (None if self.flux_weight is None
+                            else number(self.flux_weight, "flux_weight", low=0.0, low_open=False)),
+        }
+        if not isinstance(self.path_gradient, bool):
+            raise TypeError(f"path_gradient: expected True or False, got {self.path_gradient!r}")
+        checked["checkpoint_every"] = positive_int(self.checkpoint_every, "checkpoint_every")
+        checked["max_consecutive_skips"] = positive_int(self.max_consecutive_skips, "max_consecutive_skips")
+        checked["log_every"] = positive_int(self.log_every, "log_every")
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    def learning_rate(self, step: int) -> float:
+        """lr at 0-based `step`: lr (step + 1) / warmup during the warm-up, then lr ("constant") or
+        lr (1 + cos(pi (step - warmup) / max(1, steps - warmup))) / 2 ("cosine")."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        if self.schedule == "constant":
+            return self.lr
+        return 0.5 * self.lr * (1.0 + math.cos(math.pi * (step - self.warmup) / max(1, self.steps - self.warmup)))
+
+
+def _advice(config: FitConfig) -> str:
+    """What to try when a fit with these options diverges."""
+    return f"try a lower lr (now {config.lr:g}) or a longer warm-up (now {config.warmup} steps)"
 
 
 def _accepts_generator(log_prob: object) -> bool:
@@ -319,27 +399,15 @@ class DPI(nn.Module):
         self,
         prior: Prior,
         likelihood: Likelihood,
+        config: FitConfig | None = None,
         *,
-        steps: int = 2000,
-        batch_size: int = 32,
-        lr: float = 1e-3,
-        warmup: int = 100,
-        schedule: str = "cosine",
-        grad_clip: float | None = 1.0,
-        data_weight: float = 1.0,
-        prior_weight: float = 1.0,
         prior_kwargs: dict | None = None,
-        flux_weight: float | None = None,
-        path_gradient: bool = True,
         generator: torch.Generator | None = None,
         checkpoint: str | os.PathLike | None = None,
-        checkpoint_every: int = 200,
         resume: bool = True,
-        max_consecutive_skips: int = 20,
         progress: bool = True,
-        log_every: int = 10,
     ) -> dict[str, list[float]]:
-        """Train q_phi by minimising the reverse KL to p(x | y) ∝ p(y | x) p(x) with Adam.
+        """Train q_phi by minimising the reverse KL to p(x | y) ∝ p(y | x) p(x) with Adam (`scoreprior.optim`).
 
         Per step, on a batch x ~ q_phi (reparameterised):
             loss = mean[data_weight (-log p(y | x)) + prior_weight (-log p(x)) + log q_phi(x)] + flux term,
@@ -351,123 +419,88 @@ class DPI(nn.Module):
             its `event_shape` must equal image_shape unless it is None.
         likelihood: a `Likelihood`, `log_prob(x) -> (B,)`; `likelihood.validate(image_shape)` is called first
             (e.g. GaussianLikelihood checks y against A).
-        steps: total number of optimiser steps (a resumed run continues up to it); batch_size: draws per step.
-        lr: Adam learning rate, reached by a linear warm-up over `warmup` steps; then kept ("constant",
-            as in Feng et al.) or decayed to 0 at `steps` by a half cosine ("cosine": the last steps average
-            out the gradient noise, several times smaller mean errors for the same number of steps).
-        grad_clip: global-norm clipping threshold (None: no clipping).
+        config: the optimisation options, a `FitConfig` (steps, batch size, learning-rate schedule,
+            clipping, loss weights, path gradient, checkpoint and skip settings); default FitConfig().
         prior_kwargs: keyword arguments for every `prior.log_prob` call, e.g. for a ScorePrior
             dict(divergence="hutchinson", n_probes=1, adjoint=True, rtol=1e-3, atol=1e-3) (Feng et al.'s
             training set-up). When `prior.log_prob` takes a `generator` keyword (SurrogatePrior's times and
             noises, ScorePrior's Hutchinson probes) and prior_kwargs has none, it gets `generator` below,
             so the fit does not touch the global RNG.
-        path_gradient: differentiate log q_phi(x) only through the draw x, phi held fixed in the density
-            ("sticking the landing", Roeder, Wu & Duvenaud, NeurIPS 2017): unbiased since E_q[grad_phi log q]
-            = 0, and of vanishing variance as q approaches the posterior; costs one inverse pass per step
-            (about 1.5x the time). On the 16x16 Gaussian test it cut the std error from 7% to 2% at equal
-            steps. False: the plain reparameterisation gradient of Sun & Bouman.
         generator: draws the latents, and the prior's randomness (see prior_kwargs); default a
             torch.Generator seeded with the DPI's seed: DPI(seed=s).fit(...) is then reproducible.
-        checkpoint: file written atomically every `checkpoint_every` steps and at the end (weights, Adam
-            state, step, history, generator and global RNG states). With resume=True and an existing file,
-            training continues from it, restoring both RNG states, so the result equals an
+        checkpoint: file written atomically every `config.checkpoint_every` steps and at the end (weights,
+            Adam state, step, history, generator and global RNG states). With resume=True and an existing
+            file, training continues from it, restoring both RNG states, so the result equals an
             uninterrupted run (priors that draw from the global RNG included).
-        max_consecutive_skips: a step whose loss or gradient is NaN/inf is skipped (no parameter or
-            optimiser update, counted in history["skipped"]); this many in a row raise `FitDiverged`.
-            FitDiverged (a RuntimeError) is also raised at the end when the fitted flow is not usable:
-            non-finite parameters, non-finite draws (256 or batch_size, from a generator seeded with the
-            DPI's seed), or, when the last step was skipped, a non-finite loss on a fresh check batch.
-        progress: show a tqdm bar with running means of -log p(y|x), -log p(x), log q over `log_every` steps.
+        progress: show a tqdm bar with running means of -log p(y|x), -log p(x), log q over `config.log_every`
+            steps.
+
+        A step whose loss or gradient is NaN/inf is skipped (see `FitConfig.max_consecutive_skips`);
+        FitDiverged (a RuntimeError) is raised after that many in a row, and also at the end when the fitted
+        flow is not usable: non-finite parameters, non-finite draws (256 or batch_size, from a generator
+        seeded with the DPI's seed), or, when the last step was skipped, a non-finite loss on a fresh check
+        batch.
 
         Everything is validated before the first step. Returns the history, a dict of per-step lists:
         loss, nll, neg_log_prior, log_q, flux_penalty (batch means; NaN where not computed) and
         skipped (0 or 1).
         """
+        config = FitConfig() if config is None else config
+        if not isinstance(config, FitConfig):
+            raise TypeError(f"config: expected a scoreprior.FitConfig, got {type(config).__name__}")
         implements(prior, "prior", Prior)
         implements(likelihood, "likelihood", Likelihood)
         if prior.event_shape is not None and tuple(prior.event_shape) != self.image_shape:
             raise ValueError(f"prior: event_shape {tuple(prior.event_shape)} does not match the DPI image_shape "
                              f"{self.image_shape}")
         likelihood.validate(self.image_shape)
-        steps = positive_int(steps, "steps")
-        batch_size = positive_int(batch_size, "batch_size")
-        lr = positive_float(lr, "lr")
-        warmup = nonnegative_int(warmup, "warmup")
-        choice(schedule, "schedule", ("cosine", "constant"))
-        if grad_clip is not None:
-            grad_clip = positive_float(grad_clip, "grad_clip")
-        data_weight = number(data_weight, "data_weight", low=0.0, low_open=False)
-        prior_weight = number(prior_weight, "prior_weight", low=0.0, low_open=False)
-        if flux_weight is not None:
-            flux_weight = number(flux_weight, "flux_weight", low=0.0, low_open=False)
-        elif self.flux is not None:
-            flux_weight = 1.0 / (2.0 * (0.01 * self.flux) ** 2)
-        if not isinstance(path_gradient, bool):
-            raise TypeError(f"path_gradient: expected True or False, got {path_gradient!r}")
-        checkpoint_every = positive_int(checkpoint_every, "checkpoint_every")
-        max_consecutive_skips = positive_int(max_consecutive_skips, "max_consecutive_skips")
-        log_every = positive_int(log_every, "log_every")
         if generator is None:
             generator = torch.Generator(device=self.device).manual_seed(self.seed)
         elif not isinstance(generator, torch.Generator):
             raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
         path = None if checkpoint is None else Path(checkpoint)
-
         prior_kwargs = self._prior_options(prior, prior_kwargs, generator)
-        advice = f"try a lower lr (now {lr:g}) or a longer warm-up (now {warmup} steps)"
 
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=lr)
+        optimizer = torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=config.lr)
         history: dict[str, list[float]] = {key: [] for key in _HISTORY_KEYS}
         start = 0
         if path is not None and resume and path.exists():
             start, history = self._load_checkpoint(path, optimizer, generator)
-
-        bar = tqdm(total=steps, initial=min(start, steps), disable=not progress, desc="DPI", dynamic_ncols=True)
-        window: list[tuple[float, float, float]] = []
+        terms: dict[str, Tensor] = {}
         consecutive = 0
-        try:
-            for step in range(start, steps):
-                for group in optimizer.param_groups:
-                    group["lr"] = self._learning_rate(step, steps, lr, warmup, schedule)
-                terms = self._loss_terms(prior, likelihood, batch_size, generator, flux_weight, path_gradient,
-                                         prior_kwargs)
-                loss = (data_weight * terms["nll"] + prior_weight * terms["neg_log_prior"] + terms["log_q"]
-                        + terms["flux_penalty"]).mean()
-                ok = bool(torch.isfinite(loss))
-                if ok:
-                    loss.backward()
-                    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else math.inf)
-                    ok = bool(torch.isfinite(norm))
-                if ok:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
 
-                record = {key: float(value.detach().mean()) for key, value in terms.items()}
-                record["loss"] = float(loss.detach())
-                record["skipped"] = 0 if ok else 1
-                for key in _HISTORY_KEYS:
-                    history[key].append(record[key])
-                consecutive = 0 if ok else consecutive + 1
-                if consecutive >= max_consecutive_skips:
-                    raise FitDiverged(f"fit diverged: {consecutive} consecutive steps (steps {step + 2 - consecutive}"
-                                      f" to {step + 1}) had a non-finite loss or gradient; {advice}, or check the "
-                                      "prior and the likelihood", step=step + 2 - consecutive, history=history)
-                if ok:
-                    window.append((record["nll"], record["neg_log_prior"], record["log_q"]))
-                bar.update(1)
-                if (step + 1) % log_every == 0 and window:
-                    means = [sum(col) / len(window) for col in zip(*window)]
-                    bar.set_postfix(nll=f"{means[0]:.4g}", neg_log_prior=f"{means[1]:.4g}", log_q=f"{means[2]:.4g}",
-                                    skipped=int(sum(history["skipped"])))
-                    window.clear()
-                if path is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-                    self._save_checkpoint(path, optimizer, generator, step + 1, history)
-        finally:
-            bar.close()
-        check = dict(prior=prior, likelihood=likelihood, batch_size=batch_size, flux_weight=flux_weight,
-                     path_gradient=path_gradient, prior_kwargs=prior_kwargs)
-        self._check_fitted(history, advice, check)
+        def loss(step: int) -> Tensor:
+            terms.update(self._loss_terms(prior, likelihood, config, generator, prior_kwargs))
+            return (config.data_weight * terms["nll"] + config.prior_weight * terms["neg_log_prior"]
+                    + terms["log_q"] + terms["flux_penalty"]).mean()
+
+        def record(step: int, value: Tensor, ok: bool) -> None:
+            nonlocal consecutive
+            row = {key: float(term.detach().mean()) for key, term in terms.items()}
+            row.update(loss=float(value.detach()), skipped=0 if ok else 1)
+            for key in _HISTORY_KEYS:
+                history[key].append(row[key])
+            consecutive = 0 if ok else consecutive + 1
+            if consecutive >= config.max_consecutive_skips:
+                raise FitDiverged(f"fit diverged: {consecutive} consecutive steps (steps {step + 2 - consecutive}"
+                                  f" to {step + 1}) had a non-finite loss or gradient; {_advice(config)}, or check "
+                                  "the prior and the likelihood", step=step + 2 - consecutive, history=history)
+
+        def postfix(step: int) -> dict | None:
+            """Means over the steps of this run since the last refresh that were not skipped."""
+            kept = [k for k in range(max(start, step + 1 - config.log_every), step + 1) if not history["skipped"][k]]
+            if not kept:
+                return None
+            means = {key: f"{sum(history[key][k] for k in kept) / len(kept):.4g}"
+                     for key in ("nll", "neg_log_prior", "log_q")}
+            return {**means, "skipped": int(sum(history["skipped"]))}
+
+        def save(step: int) -> None:
+            self._save_checkpoint(path, optimizer, generator, step, history)
+
+        optimise(optimizer, loss, config, start=start, on_step=record, postfix=postfix,
+                 save=None if path is None else save, skip_nonfinite=True, progress=progress, desc="DPI")
+        self._check_fitted(history, config, prior, likelihood, prior_kwargs)
         return history
 
     def _prior_options(self, prior: Prior, prior_kwargs: dict | None, generator: torch.Generator) -> dict:
@@ -477,8 +510,12 @@ class DPI(nn.Module):
             options["generator"] = generator
         return options
 
-    def _check_fitted(self, history: dict[str, list[float]], advice: str, check: dict) -> None:
+    def _check_fitted(
+        self, history: dict[str, list[float]], config: FitConfig, prior: Prior, likelihood: Likelihood,
+        prior_kwargs: dict,
+    ) -> None:
         """Raise FitDiverged when the fitted flow is not usable (see `fit`); the user's generator is not used."""
+        advice = _advice(config)
         skipped = history["skipped"]
         steps = len(skipped)
         trailing = next((k for k, s in enumerate(reversed(skipped)) if not s), steps)
@@ -490,7 +527,7 @@ class DPI(nn.Module):
             raise FitDiverged(f"fit diverged: {len(bad)} flow parameter tensor(s) ({', '.join(bad[:3])}) are not "
                               f"finite {where}; {advice}", step=since, history=history)
         local = torch.Generator(device=self.device).manual_seed(self.seed)
-        n = max(256, check["batch_size"])
+        n = max(256, config.batch_size)
         with torch.no_grad():
             x, log_q = self.sample(n, generator=local)
         finite = torch.isfinite(x.flatten(1)).all(1) & torch.isfinite(log_q)
@@ -498,24 +535,13 @@ class DPI(nn.Module):
             raise FitDiverged(f"fit diverged: {int((~finite).sum())} of {n} draws from the fitted flow are not "
                               f"finite {where}; {advice}", step=since, history=history)
         if trailing:
-            options = self._prior_options(check["prior"], {k: v for k, v in check["prior_kwargs"].items()
-                                                           if k != "generator"}, local)
-            terms = self._loss_terms(check["prior"], check["likelihood"], check["batch_size"], local,
-                                     check["flux_weight"], check["path_gradient"], options)
+            options = self._prior_options(prior, {k: v for k, v in prior_kwargs.items() if k != "generator"}, local)
+            terms = self._loss_terms(prior, likelihood, config, local, options)
             values = {key: float(value.detach().mean()) for key, value in terms.items()}
             broken = [key for key, value in values.items() if not math.isfinite(value)]
             if broken:
                 raise FitDiverged(f"fit diverged: the loss of the fitted flow is not finite ({', '.join(broken)}) "
                                   f"{where}; {advice}", step=since, history=history)
-
-    @staticmethod
-    def _learning_rate(step: int, steps: int, lr: float, warmup: int, schedule: str) -> float:
-        """lr at 0-based `step`: linear warm-up over `warmup` steps, then constant or cosine decay to 0."""
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        if schedule == "constant":
-            return lr
-        return 0.5 * lr * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
     def _log_prob_through_sample(self, x: Tensor) -> Tensor:
         """log q_phi(x) with phi held fixed: its gradient reaches phi only through the draw x. x: (B, *image_shape)."""
@@ -529,17 +555,18 @@ class DPI(nn.Module):
                 p.requires_grad_(True)
 
     def _loss_terms(
-        self, prior: Prior, likelihood: Likelihood, batch_size: int, generator: torch.Generator,
-        flux_weight: float | None, path_gradient: bool, prior_kwargs: dict,
+        self, prior: Prior, likelihood: Likelihood, config: FitConfig, generator: torch.Generator, prior_kwargs: dict,
     ) -> dict[str, Tensor]:
-        """Per-sample loss terms on a fresh batch, each (B,); NaN-filled when the flow's draws are not finite."""
+        """Per-sample loss terms on a fresh batch of config.batch_size draws, each (B,); NaN-filled when the
+        flow's draws are not finite."""
+        batch_size = config.batch_size
         x, log_q = self.sample(batch_size, generator=generator)
         nan = torch.full_like(log_q, math.nan)
         flux_penalty = torch.zeros_like(log_q)
         if not bool(torch.isfinite(x).all()):
             # Priors may reject non-finite input outright; the step is skipped either way.
             return {"nll": nan, "neg_log_prior": nan, "log_q": log_q, "flux_penalty": nan}
-        if path_gradient:
+        if config.path_gradient:
             log_q = self._log_prob_through_sample(x)
         nll = -likelihood.log_prob(x)
         neg_log_prior = -prior.log_prob(x, **prior_kwargs)
@@ -547,8 +574,9 @@ class DPI(nn.Module):
             if value.shape != (batch_size,):
                 raise ValueError(f"{name}: expected log_prob to return shape ({batch_size},) for a batch of "
                                  f"{batch_size} images, got {tuple(value.shape)}")
-        if self.flux is not None and flux_weight is not None:
-            flux_penalty = flux_weight * (x.flatten(1).sum(1) - self.flux).square()
+        if self.flux is not None:
+            weight = 1.0 / (2.0 * (0.01 * self.flux) ** 2) if config.flux_weight is None else config.flux_weight
+            flux_penalty = weight * (x.flatten(1).sum(1) - self.flux).square()
         return {"nll": nll, "neg_log_prior": neg_log_prior, "log_q": log_q, "flux_penalty": flux_penalty}
 
     def _rng_states(self, generator: torch.Generator) -> dict[str, Tensor]:

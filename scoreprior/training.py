@@ -20,12 +20,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from scoreprior._checks import choice, nonnegative_int, number, positive_float, positive_int
 from scoreprior.checkpoints import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save, load_checkpoint, weights_sha256
 from scoreprior.distributed import broadcast_from_rank0, gather_ordered, item_seed, rank_and_world
 from scoreprior.noise_prediction import GaussianResidualNet
+from scoreprior.optim import optimise
 from scoreprior.sde import SDE
 
 __all__ = [
@@ -134,7 +134,7 @@ class EMA:
 
 @dataclass
 class TrainConfig:
-    """Options of `train_score_model`.
+    """Options of `train_score_model` (a `scoreprior.optim.LoopOptions`).
 
     steps: total optimiser steps (a resumed run stops at the same total); batch_size: images per step
     and process (distributed training steps on world x batch_size images);
@@ -294,10 +294,12 @@ def train_score_model(
 ) -> TrainResult:
     """Train a network by denoising score matching (`dsm_loss`, or `loss_fn`), in place.
 
-    Adam with linear warm-up and gradient clipping; an EMA of the weights; batches drawn with
-    replacement. One torch.Generator seeded with `config.seed` draws batch indices, times and noise,
-    and its state goes into every checkpoint, so a run resumed from a checkpoint continues exactly as
-    the uninterrupted run would (bitwise on the same device).
+    Adam with linear warm-up and gradient clipping, in the loop of `scoreprior.optim` (a non-finite loss
+    is not skipped but propagates: every rank of a distributed run must take the same steps); an EMA of
+    the weights, updated after each optimiser step; batches drawn with replacement. One torch.Generator
+    seeded with `config.seed` draws batch indices, times and noise, and its state goes into every
+    checkpoint, so a run resumed from a checkpoint continues exactly as the uninterrupted run would
+    (bitwise on the same device).
 
     net: network with `config()` called net(x, t) -> shaped like x; sde: the forward SDE;
     data: (N, *event_shape) training images, cast to the net's dtype; config: see `TrainConfig`.
@@ -362,7 +364,18 @@ def train_score_model(
             step, history = _resume(checkpoint, saved, net, sde, event_shape, ema, optimizer, generator,
                                     rank, world)
 
-    def save() -> None:
+    def draw_loss(step: int) -> Tensor:
+        idx = torch.randint(data.shape[0], (config.batch_size,), generator=generator, device=device)
+        return loss_fn(model, data[idx], generator)
+
+    def record(step: int, loss: Tensor, ok: bool) -> None:
+        ema.update()
+        history.append(_mean_over_ranks(loss.detach(), world).item() if distributed else loss.item())
+
+    def postfix(step: int) -> dict:
+        return {"loss": f"{sum(history[-config.log_every:]) / config.log_every:.4f}"}
+
+    def save(step: int) -> None:
         states = gather_ordered([generator.get_state()], [rank], world) if distributed else None
         if rank == 0:
             save_checkpoint(checkpoint, net, sde, event_shape=event_shape, ema=ema, optimizer=optimizer,
@@ -371,33 +384,11 @@ def train_score_model(
 
     start = time.perf_counter()
     net.train()
-    bar = tqdm(total=config.steps, initial=min(step, config.steps), desc="training",
-               disable=not progress or rank != 0, dynamic_ncols=True)
-    while step < config.steps:
-        for group in optimizer.param_groups:
-            group["lr"] = config.learning_rate(step)
-        idx = torch.randint(data.shape[0], (config.batch_size,), generator=generator, device=device)
-        loss = loss_fn(model, data[idx], generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip is not None:
-            nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
-        optimizer.step()
-        ema.update()
-        history.append(_mean_over_ranks(loss.detach(), world).item() if distributed else loss.item())
-        step += 1
-        bar.update(1)
-        if step % config.log_every == 0:
-            bar.set_postfix(loss=f"{sum(history[-config.log_every:]) / config.log_every:.4f}")
-        if checkpoint is not None and config.checkpoint_every and step % config.checkpoint_every == 0 \
-                and step < config.steps:
-            save()
-    bar.close()
+    step = optimise(optimizer, draw_loss, config, start=step, on_step=record, postfix=postfix,
+                    save=None if checkpoint is None else save, progress=progress and rank == 0, desc="training")
     net.eval()
-    if checkpoint is not None:
-        save()
-        if distributed:
-            dist.barrier()  # the checkpoint is complete when any rank returns
+    if checkpoint is not None and distributed:
+        dist.barrier()  # the checkpoint is complete when any rank returns
     recent = history[-config.log_every:]
     final = sum(recent) / len(recent) if recent else math.nan
     return TrainResult(final, history, step, time.perf_counter() - start, ema)

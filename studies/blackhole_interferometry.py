@@ -64,10 +64,10 @@ from scoreprior.likelihood import GaussianLikelihood
 from scoreprior.metrics import nxcorr
 from scoreprior.operators import Interferometer, uas_to_rad
 from scoreprior.plots import posterior_figure
-from scoreprior.posterior import DPI
+from scoreprior.posterior import DPI, FitConfig
 from scoreprior.pretrained import available_priors, pretrained
 from scoreprior.priors import reference_posterior
-from scoreprior.samplers import sample_prior
+from scoreprior.samplers import Run, sample_prior
 from scoreprior.surrogate import SurrogatePrior
 
 SUBSETS = {3: ("ALMA", "LMT", "PV"), 4: ("ALMA", "LMT", "PV", "SMA"), 5: ("ALMA", "LMT", "PV", "SMA", "SMT"),
@@ -144,8 +144,8 @@ def fit(prior, likelihood: GaussianLikelihood, images: torch.Tensor, args: argpa
     reference = reference_posterior(images, likelihood, floor=surrogate.smoothing)
     dpi = DPI(shape, n_flows=args.n_flows, reference=reference, seed=args.seed)
     start = time.perf_counter()
-    history = dpi.fit(surrogate, likelihood, steps=args.steps, batch_size=args.batch_size, lr=LR,
-                      warmup=max(1, args.steps // 10), progress=False)
+    config = FitConfig(steps=args.steps, batch_size=args.batch_size, lr=LR, warmup=max(1, args.steps // 10))
+    history = dpi.fit(surrogate, likelihood, config, progress=False)
     seconds = time.perf_counter() - start
     with torch.no_grad():
         draws = dpi.sample(N_DRAWS, generator=torch.Generator().manual_seed(args.seed + 1))[0]
@@ -196,8 +196,8 @@ def station_study(args: argparse.Namespace, priors: dict) -> tuple[dict, dict]:
         grid_truth = blackhole_images(1, npix, **fixed)
         grid_truth = grid_truth * (float(truth.sum()) * scale / float(grid_truth.sum()))
         true_diameter[name] = 2 * float(ring_radius(grid_truth, fov_uas=BLACKHOLE_FOV_UAS)[0])
-        prior_draws = sample_prior(prior.score, prior.sde, 3, tuple(prior.event_shape), steps=args.prior_steps, t0=T0,
-                                   generator=torch.Generator().manual_seed(args.seed), progress=False)
+        prior_draws = sample_prior(prior.score, prior.sde, 3, tuple(prior.event_shape), steps=args.prior_steps,
+                                   run=Run(t0=T0, generator=torch.Generator().manual_seed(args.seed), progress=False))
         entry = {"npix": npix, "units_flux": units, "truth_ring_diameter_uas": true_diameter[name],
                  "truth_position_angle_deg": float(position_angle_deg(grid_truth)[0]), "fits": {}}
         shown = {}

@@ -43,7 +43,7 @@ from scoreprior.diagnostics import coverage
 from scoreprior.likelihood import GaussianLikelihood
 from scoreprior.metrics import psnr
 from scoreprior.operators import GaussianBlur, Identity, LinearOperator
-from scoreprior.posterior import DPI
+from scoreprior.posterior import DPI, FitConfig
 from scoreprior.pretrained import pretrained
 from scoreprior.surrogate import SurrogatePrior
 
@@ -89,8 +89,8 @@ def solve(prior, truth: torch.Tensor, operator: LinearOperator, sigma: float, se
     surrogate = SurrogatePrior(prior.score, prior.sde, t0=T0, n_time_samples=args.time_samples, event_shape=shape)
     dpi = DPI(shape, n_flows=args.n_flows, init_scale=0.1, seed=seed)
     start = time.perf_counter()
-    history = dpi.fit(surrogate, likelihood, steps=args.steps, batch_size=args.batch_size, lr=LR,
-                      warmup=max(1, args.steps // 10), progress=False)
+    config = FitConfig(steps=args.steps, batch_size=args.batch_size, lr=LR, warmup=max(1, args.steps // 10))
+    history = dpi.fit(surrogate, likelihood, config, progress=False)
     seconds = time.perf_counter() - start
     with torch.no_grad():
         draws = dpi.sample(N_DRAWS, generator=torch.Generator().manual_seed(seed + 1))[0]

@@ -69,7 +69,7 @@ from scoreprior.likelihood import ClosureLikelihood, GaussianLikelihood
 from scoreprior.metrics import blurred_psnr, nxcorr
 from scoreprior.operators import uas_to_rad
 from scoreprior.pretrained import available_priors, pretrained
-from scoreprior.samplers import dps
+from scoreprior.samplers import Run, dps
 
 T0 = 1e-3
 FWHM_UAS = (10.0, 15.0, 20.0)
@@ -221,7 +221,7 @@ def simulated(args: argparse.Namespace, prior) -> tuple[dict, dict]:
         report(name, metrics["fits"][name])
     start = time.perf_counter()
     draws = dps(prior.score, prior.sde, closures, args.dps_draws, tuple(prior.event_shape), zeta=args.dps_zeta,
-                steps=args.dps_steps, t0=T0, generator=torch.Generator().manual_seed(args.seed), progress=False)
+                steps=args.dps_steps, run=Run(t0=T0, generator=torch.Generator().manual_seed(args.seed), progress=False))
     name = f"DPS (ζ = {args.dps_zeta:g}, {args.dps_steps} steps): closures, gain-corrupted"
     metrics["fits"][name] = summarize(draws, truth, closures, time.perf_counter() - start)
     shown[name] = draws

@@ -58,7 +58,7 @@ from scoreprior.demo import simulate_observation
 from scoreprior.density import ScorePrior
 from scoreprior.diagnostics import credible_interval
 from scoreprior.importance import importance_draws
-from scoreprior.posterior import DPI
+from scoreprior.posterior import DPI, FitConfig
 from scoreprior.priors import GaussianPrior, gaussian_posterior
 from scoreprior.scores import GaussianScore
 from scoreprior.sde import VPSDE
@@ -167,8 +167,8 @@ def run_fit(flow: str, prior_name: str, budget: str, problem: dict, reference: G
     dpi = DPI(tuple(problem["truth"].shape), n_flows=8, seed=args.seed,
               reference=reference if flow == "reference" else None)
     start = time.perf_counter()
-    history = dpi.fit(prior, problem["likelihood"], steps=steps, batch_size=batch, lr=FLOWS[flow]["lr"],
-                      warmup=min(60, steps // 10), prior_kwargs=prior_kwargs, progress=False)
+    config = FitConfig(steps=steps, batch_size=batch, lr=FLOWS[flow]["lr"], warmup=min(60, steps // 10))
+    history = dpi.fit(prior, problem["likelihood"], config, prior_kwargs=prior_kwargs, progress=False)
     seconds = time.perf_counter() - start
     with torch.no_grad():
         samples, log_q = dpi.sample(args.n_draws, generator=torch.Generator().manual_seed(args.seed + 99))

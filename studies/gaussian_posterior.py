@@ -46,7 +46,7 @@ from scoreprior.data import gaussian_field
 from scoreprior.density import ScorePrior
 from scoreprior.likelihood import GaussianLikelihood
 from scoreprior.operators import FourierSubsample
-from scoreprior.posterior import DPI
+from scoreprior.posterior import DPI, FitConfig
 from scoreprior.priors import GaussianPrior, gaussian_posterior
 from scoreprior.scores import GaussianScore
 from scoreprior.sde import VPSDE
@@ -134,8 +134,8 @@ def run_one(name, prior, likelihood, post_mean, post_std, args):
     fit_prior, prior_kwargs = make_prior(name, prior, args.surrogate_time_samples)
     dpi = DPI((1, args.size, args.size), n_flows=8, hidden=128, init_scale=0.1, seed=args.seed)
     start = time.perf_counter()
-    history = dpi.fit(fit_prior, likelihood, steps=steps, batch_size=batch, lr=1e-2, warmup=min(100, steps // 10),
-                      prior_kwargs=prior_kwargs, progress=False)
+    config = FitConfig(steps=steps, batch_size=batch, lr=1e-2, warmup=min(100, steps // 10))
+    history = dpi.fit(fit_prior, likelihood, config, prior_kwargs=prior_kwargs, progress=False)
     seconds = time.perf_counter() - start
     m, s = dpi.posterior_stats(n=args.n_draws, batch_size=1024, generator=torch.Generator().manual_seed(99))
     result = {"steps": steps, "batch_size": batch, "seconds": seconds, "seconds_per_step": seconds / steps,

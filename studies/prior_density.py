@@ -51,7 +51,7 @@ from scoreprior.data import blackhole_images, pca_gaussian, ring_features  # noq
 from scoreprior.density import ScorePrior, bits_per_dim  # noqa: E402
 from scoreprior.pretrained import PRETRAINED_DIR, load_pretrained, record_metadata  # noqa: E402
 from scoreprior.priors import GaussianPrior  # noqa: E402
-from scoreprior.samplers import sample_prior  # noqa: E402
+from scoreprior.samplers import Run, sample_prior  # noqa: E402
 from scoreprior.scores import GaussianScore  # noqa: E402
 
 T0 = 1e-5
@@ -103,8 +103,8 @@ def sample_checks(name: str, prior: ScorePrior, test: torch.Tensor, n: int, seed
     """Samples against data: (metrics, curves for the figure)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        samples = sample_prior(prior.score, prior.sde, n, tuple(prior.event_shape), steps=300, t0=SAMPLE_T0,
-                               generator=gen, progress=False)
+        samples = sample_prior(prior.score, prior.sde, n, tuple(prior.event_shape), steps=300,
+                               run=Run(t0=SAMPLE_T0, generator=gen, progress=False))
     out = {"n_samples": n, "sampler": f"Euler-Maruyama, 300 steps, t0 {SAMPLE_T0}", "min_pixel": float(samples.min()),
            "max_pixel": float(samples.max())}
     if name.startswith("blackhole"):

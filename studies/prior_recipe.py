@@ -50,7 +50,7 @@ from train_priors import (RECIPE, RECIPE_2026_11, SPECS, build_model, datasets, 
 from prior_density import ring_checks  # noqa: E402
 
 from scoreprior.data import pca_gaussian, sample_gaussian  # noqa: E402
-from scoreprior.samplers import sample_prior  # noqa: E402
+from scoreprior.samplers import Run, sample_prior  # noqa: E402
 from scoreprior.scores import GaussianScore  # noqa: E402
 from scoreprior.sde import VPSDE  # noqa: E402
 from scoreprior.surrogate import SurrogatePrior  # noqa: E402
@@ -93,8 +93,8 @@ def blackhole_scores(net: torch.nn.Module, sde: VPSDE, test: torch.Tensor, n_sam
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         bound = torch.cat([elbo.log_prob(x, generator=gen) for x in test.split(64)])
-        samples = sample_prior(score, sde, n_samples, tuple(test.shape[1:]), steps=300, t0=T0, generator=gen,
-                               progress=False)
+        samples = sample_prior(score, sde, n_samples, tuple(test.shape[1:]), steps=300,
+                               run=Run(t0=T0, generator=gen, progress=False))
     d = test[0].numel()
     checks, _, _ = ring_checks(samples, n_reference, gen)
     return {"elbo_bits_per_dim": float(bound.mean() / (d * math.log(2))),

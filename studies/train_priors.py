@@ -59,7 +59,7 @@ from scoreprior.density import ScorePrior
 from scoreprior.nets import UNet
 from scoreprior.pretrained import PRETRAINED_DIR, export_pretrained, load_pretrained
 from scoreprior.priors import GaussianPrior
-from scoreprior.samplers import sample_prior
+from scoreprior.samplers import Run, sample_prior
 from scoreprior.scores import GaussianScore
 from scoreprior.sde import VPSDE
 from scoreprior.noise_prediction import GaussianResidualNet
@@ -223,8 +223,8 @@ def check_blackhole(path: Path, data: torch.Tensor, args: argparse.Namespace) ->
     """Mean flux and ring radius of unconditional samples against the training images."""
     prior = load_pretrained(path, t0=CHECK_T0)
     n, steps = (8, 20) if args.quick else (128, 300)
-    samples = sample_prior(prior.score, prior.sde, n, tuple(prior.event_shape), steps=steps, t0=CHECK_T0,
-                           generator=torch.Generator().manual_seed(args.seed + 3), progress=False)
+    samples = sample_prior(prior.score, prior.sde, n, tuple(prior.event_shape), steps=steps,
+                           run=Run(t0=CHECK_T0, generator=torch.Generator().manual_seed(args.seed + 3), progress=False))
     reference = data[:1000]
 
     def stats(x: torch.Tensor) -> dict:

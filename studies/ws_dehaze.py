@@ -43,6 +43,7 @@ import json
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -52,11 +53,13 @@ from scoreprior.data import natural_patches
 from scoreprior.metrics import psnr, ssim
 from scoreprior.nets import UNet
 from scoreprior.operators import GaussianBlur
-from scoreprior.samplers import dps
+from scoreprior.samplers import Run, dps
 from scoreprior.sde import VPSDE
 from scoreprior.noise_prediction import NoisePredictionScore
 from scoreprior.training import TrainConfig, train_score_model
-from scoreprior.ws import Haze, WhitenedScore, WSProcess, gaussian_spectrum, power_spectrum, ws_loss, ws_sample
+from scoreprior.ws import (
+    AutoLambda, Haze, WhitenedScore, WSProcess, gaussian_spectrum, power_spectrum, ws_loss, ws_sample,
+)
 
 TRAIN_IMAGES = ("camera", "astronaut", "coffee", "chelsea")
 TEST_SETS = ("rocket", "coins")
@@ -105,21 +108,22 @@ class Counted:
 def reconstruct(method: str, models: dict, lik, seed: int, s: dict, lam: float = 1.0) -> tuple[torch.Tensor, int]:
     """`s["draws"]` posterior draws (draws, 1, SIZE, SIZE) for the measurement in `lik`, clipped to [0, 1], and the
     network evaluations they took (counted, pilot runs of lam="auto" included)."""
-    g = torch.Generator().manual_seed(seed)
+    run = Run(generator=torch.Generator().manual_seed(seed), progress=False)
     shape = (1, SIZE, SIZE)
     if method == "vp_dps":
         score = Counted(models["vp_score"])
-        x = dps(score, VPSDE(), lik, s["draws"], shape, steps=s["dps_steps"], generator=g, progress=False)
+        x = dps(score, VPSDE(), lik, s["draws"], shape, steps=s["dps_steps"], run=run)
         return x.clamp(0, 1), score.calls
     steps = {"ws_fast": s["fast_steps"], "ws_fast_uniform": s["fast_steps"], "ws_long": s["long_steps"]}.get(
         method, s["steps"])
     model, process = models["vp_as_ws"] if method == "vp" else models["ws"]
     model = Counted(model)
-    auto = {"auto_grid": (1.0, *s["lam_grid"]), "auto_n": s["draws"]} if method == "ws_auto" else {}
-    grid = {"time_grid": "uniform"} if method == "ws_fast_uniform" else {}
-    lam = "auto" if auto else lam
+    if method == "ws_auto":
+        lam = AutoLambda(grid=(1.0, *s["lam_grid"]), n=s["draws"])
+    if method == "ws_fast_uniform":
+        run = replace(run, time_grid="uniform")
     x = ws_sample(model, process, s["draws"], shape, likelihood=lik, lam=lam, prior_spectrum=models["spectrum"],
-                  steps=steps, generator=g, progress=False, **auto, **grid)
+                  steps=steps, run=run)
     return x.clamp(0, 1), model.calls
 
 

@@ -37,6 +37,7 @@ import torch
 
 from scoreprior.data import natural_patches
 from scoreprior.metrics import psnr
+from scoreprior.samplers import Run
 from scoreprior.ws import GaussianWhitenedScore, Haze, WSProcess, gaussian_spectrum, ws_sample
 
 SIZE, WIDTH, WHITE, HAZE = 32, 3.0, 0.05, 2.0
@@ -93,10 +94,10 @@ def evaluate(draws: torch.Tensor, k: int, prob: dict) -> dict:
 
 
 def configurations(prior_spectrum: torch.Tensor) -> dict[str, dict]:
-    rules = {f"normalised λ={lam:g}": {"lam": lam, "normalize": True, "residual": "x"} for lam in NORMALISED}
-    rules["normalised λ=auto"] = {"lam": "auto", "normalize": True, "residual": "x"}
-    rules["λ=1/σ², residual x_t"] = {"lam": 1 / HAZE**2, "normalize": False, "residual": "x"}
-    rules["λ=1/σ², residual x̂_0"] = {"lam": 1 / HAZE**2, "normalize": False, "residual": "tweedie"}
+    rules = {f"normalised λ={lam:g}": {"lam": lam, "residual": "x"} for lam in NORMALISED}
+    rules["normalised λ=auto"] = {"lam": "auto", "residual": "x"}
+    rules["λ=1/σ², residual x_t"] = {"lam": 1 / HAZE**2, "residual": "x-gradient"}
+    rules["λ=1/σ², residual x̂_0"] = {"lam": 1 / HAZE**2, "residual": "tweedie-gradient"}
     rules["covariance, λ=1"] = {"lam": 1.0, "residual": "covariance", "prior_spectrum": prior_spectrum}
     return rules
 
@@ -115,9 +116,10 @@ def main(argv: list[str] | None = None) -> dict:
                 results = []
                 for k in range(args.truths):
                     likelihood = prob["haze"].likelihood(prob["ys"][k : k + 1])
+                    run = Run(generator=torch.Generator().manual_seed(args.seed + 100 + k), dtype=torch.float64,
+                              progress=False)
                     draws = ws_sample(prob["model"], prob["process"], args.draws, (1, SIZE, SIZE), likelihood=likelihood,
-                                      method=method, steps=steps, dtype=torch.float64, progress=False,
-                                      generator=torch.Generator().manual_seed(args.seed + 100 + k), **rule)
+                                      method=method, steps=steps, run=run, **rule)
                     results.append(evaluate(draws, k, prob))
                 row = {"method": method, "steps": steps, "rule": name}
                 for key in results[0]:

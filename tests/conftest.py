@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -76,3 +77,23 @@ def make_operator(
         uv = (2 * torch.rand((n_baselines or h + 1, 2), generator=generator, dtype=torch.float64) - 1) * u_max
         return operators.Interferometer(uv, h, fov)
     raise ValueError(f"kind: expected one of {OPERATOR_KINDS}, got {kind!r}")
+
+
+def closure_problem(sde: scoreprior.SDE):
+    """A Gaussian prior on 1 x 6 x 6 images around a blob (its exact score under `sde`) and the closures of one of
+    its draws seen by three EHT 2017 scans: (GaussianScore, ClosureLikelihood)."""
+    from scoreprior import eht
+    from scoreprior.likelihood import ClosureLikelihood
+
+    cover = eht.uv_coverage(eht.load_array("EHT2017"), 12.5137, 12.3911, 57854)
+    keep = np.isin(cover.time, np.unique(cover.time)[[20, 30, 60]])
+    operator = operators.Interferometer(cover.uv[keep], 6, operators.uas_to_rad(120.0))
+    grid = torch.arange(6, dtype=torch.float64) - 2.5
+    mean = torch.exp(-(grid[:, None] ** 2 + grid[None, :] ** 2) / 4).reshape(1, 6, 6)
+    cov = 0.01 * torch.eye(36, dtype=torch.float64)
+    truth = scoreprior.GaussianPrior(mean, cov).sample(1, generator=torch.Generator().manual_seed(5))
+    vis = operator.A(truth)[0].numpy()
+    sigma = 0.05 * np.abs(vis).mean() * np.ones(len(vis))
+    columns = cover.time[keep], cover.t1[keep], cover.t2[keep], vis, sigma
+    lik = ClosureLikelihood(operator, eht.closure_phases(*columns), eht.log_closure_amplitudes(*columns))
+    return scoreprior.GaussianScore(mean, cov, sde), lik

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 import time
 
@@ -12,7 +13,7 @@ from scoreprior.density import ScorePrior
 from scoreprior.importance import check_posterior
 from scoreprior.likelihood import ClosureLikelihood, GaussianLikelihood
 from scoreprior.operators import FourierSubsample, GaussianBlur, Interferometer, uas_to_rad
-from scoreprior.posterior import DPI
+from scoreprior.posterior import DPI, FitConfig
 from scoreprior.priors import GaussianPrior, gaussian_posterior, reference_posterior
 from scoreprior.scores import GaussianScore
 from scoreprior.sde import VPSDE
@@ -257,7 +258,7 @@ def test_fit_from_an_approximate_reference_reaches_the_exact_posterior():
     fits = {}
     for name, kwargs in {"reference": dict(reference=reference), "plain": dict(init_scale=0.1)}.items():
         dpi = DPI((1, 8, 8), n_flows=4, seed=0, **kwargs)
-        dpi.fit(prior, likelihood, steps=150, batch_size=32, lr=1e-3, warmup=15, progress=False)
+        dpi.fit(prior, likelihood, FitConfig(steps=150, batch_size=32, lr=1e-3, warmup=15), progress=False)
         fits[name] = _errors(dpi, post_mean, post_std)
     assert fits["reference"][1] < 0.1 and fits["reference"][2] < 0.1
     assert fits["plain"][1] > 3 * fits["reference"][1] and fits["plain"][2] > 3 * fits["reference"][2]
@@ -272,7 +273,7 @@ def test_fit_recovers_closed_form_posterior(small_problem):
     RMS, std 1.1-2.6% relative RMS; 300 steps, about 4 s)."""
     prior, likelihood, post_mean, post_std = small_problem
     dpi = DPI((1, 4, 4), n_flows=4, init_scale=0.1, seed=0)
-    history = dpi.fit(prior, likelihood, steps=300, batch_size=32, lr=1e-2, warmup=30, progress=False)
+    history = dpi.fit(prior, likelihood, FitConfig(steps=300, batch_size=32, lr=1e-2, warmup=30), progress=False)
     assert sum(history["skipped"]) == 0 and len(history["loss"]) == 300
     assert history["loss"][-1] < history["loss"][0]
     mean_rel, mean_z, std_rel = _errors(dpi, post_mean, post_std)
@@ -287,7 +288,7 @@ def test_fit_recovers_closed_form_posterior_16x16():
     prior, likelihood, post_mean, post_std = _gaussian_problem(16, 16, FourierSubsample(8, image_size=(16, 16)), 0.5)
     dpi = DPI((1, 16, 16), n_flows=8, hidden=128, init_scale=0.1, seed=0)
     start = time.perf_counter()
-    dpi.fit(prior, likelihood, steps=3000, batch_size=64, lr=1e-2, warmup=100, progress=False)
+    dpi.fit(prior, likelihood, FitConfig(steps=3000, batch_size=64, lr=1e-2, warmup=100), progress=False)
     elapsed = time.perf_counter() - start
     mean_rel, mean_z, std_rel = _errors(dpi, post_mean, post_std, n=8192)
     print(f"16x16: mean {mean_rel:.4f} rel, {mean_z:.4f} posterior stds RMS; std {std_rel:.4f} rel; {elapsed:.0f} s")
@@ -304,8 +305,8 @@ def test_path_gradient_vanishes_when_q_is_the_posterior():
     for path_gradient in (True, False):
         dpi = DPI((1, 3, 3), n_flows=2, hidden=8, init_scale=c, dtype=torch.float64)
         before = [p.detach().clone() for p in dpi.parameters()]
-        dpi.fit(prior, likelihood, steps=5, batch_size=16, lr=1e-2, warmup=0, data_weight=0.0,
-                path_gradient=path_gradient, progress=False)
+        dpi.fit(prior, likelihood, FitConfig(steps=5, batch_size=16, lr=1e-2, warmup=0, data_weight=0.0,
+                                             path_gradient=path_gradient), progress=False)
         moved[path_gradient] = max((p - b).abs().max().item() for p, b in zip(dpi.parameters(), before))
     assert moved[True] < 1e-8 and moved[False] > 1e-3
 
@@ -320,7 +321,7 @@ def test_fit_runs_with_score_based_priors(kind):
              else SurrogatePrior(score, sde, event_shape=(1, 2, 2)))
     likelihood = GaussianLikelihood(GaussianBlur(1.0), GaussianBlur(1.0).A(mean[None]), 0.1)
     dpi = DPI((1, 2, 2), n_flows=1, init_scale=0.2, dtype=torch.float64)
-    history = dpi.fit(prior, likelihood, steps=2, batch_size=4, progress=False)
+    history = dpi.fit(prior, likelihood, FitConfig(steps=2, batch_size=4), progress=False)
     assert history["skipped"] == [0, 0]
     assert all(math.isfinite(v) for key in ("loss", "nll", "neg_log_prior", "log_q") for v in history[key])
 
@@ -337,7 +338,7 @@ def test_y_shape_mismatch_raises_before_training(small_problem):
     prior, _, _, _ = small_problem
     p, lik = _spies(prior, GaussianLikelihood(GaussianBlur(1.0), torch.zeros(1, 1, 5, 5), 0.05))
     with pytest.raises(ValueError, match=r"y: expected .*\(1, 1, 4, 4\)"):
-        DPI((1, 4, 4), n_flows=1).fit(p, lik, steps=3, progress=False)
+        DPI((1, 4, 4), n_flows=1).fit(p, lik, FitConfig(steps=3), progress=False)
     assert p.calls == lik.calls == 0
 
 
@@ -347,7 +348,7 @@ def test_prior_shape_mismatch_raises_before_training(small_problem):
     dpi = DPI((1, 2, 8), n_flows=1)
     before = {k: v.clone() for k, v in dpi.state_dict().items()}
     with pytest.raises(ValueError, match=r"event_shape \(1, 4, 4\).*image_shape \(1, 2, 8\)"):
-        dpi.fit(p, lik, steps=3, progress=False)
+        dpi.fit(p, lik, FitConfig(steps=3), progress=False)
     assert p.calls == lik.calls == 0
     assert all(torch.equal(v, dpi.state_dict()[k]) for k, v in before.items())
 
@@ -372,14 +373,39 @@ def test_bad_fit_arguments_raise_before_training(small_problem, kwargs, name):
     prior, likelihood, _, _ = small_problem
     p, lik = _spies(prior, likelihood)
     with pytest.raises(ValueError, match=name):
-        DPI((1, 4, 4), n_flows=1).fit(p, lik, progress=False, **kwargs)
+        DPI((1, 4, 4), n_flows=1).fit(p, lik, FitConfig(**kwargs), progress=False)
+    assert p.calls == lik.calls == 0
+
+
+@pytest.mark.parametrize("kwargs, error, name", [
+    (dict(steps=2.0), TypeError, "steps"), (dict(batch_size=True), TypeError, "batch_size"),
+    (dict(lr=math.inf), ValueError, "lr"), (dict(schedule=None), TypeError, "schedule"),
+    (dict(flux_weight=-1.0), ValueError, "flux_weight"), (dict(path_gradient=1), TypeError, "path_gradient"),
+    (dict(max_consecutive_skips=0), ValueError, "max_consecutive_skips"), (dict(log_every=0), ValueError, "log_every"),
+])
+def test_fit_config_names_the_bad_option(kwargs, error, name):
+    with pytest.raises(error, match=f"^{name}: expected"):
+        FitConfig(**kwargs)
+
+
+def test_fit_config_is_validated_once_and_then_fixed(small_problem):
+    """Values come out in their plain types; the object cannot be changed into an invalid one; fit takes
+    nothing else as its config."""
+    config = FitConfig(steps=np.int64(3), lr=1, grad_clip=None)
+    assert (type(config.steps), type(config.lr), config.grad_clip) == (int, float, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.steps = 0
+    prior, likelihood, _, _ = small_problem
+    p, lik = _spies(prior, likelihood)
+    with pytest.raises(TypeError, match="config: expected a scoreprior.FitConfig, got dict"):
+        DPI((1, 4, 4), n_flows=1).fit(p, lik, dict(steps=3), progress=False)
     assert p.calls == lik.calls == 0
 
 
 def test_prior_without_log_prob_is_a_type_error(small_problem):
     _, likelihood, _, _ = small_problem
     with pytest.raises(TypeError, match="prior"):
-        DPI((1, 4, 4), n_flows=1).fit(object(), likelihood, steps=1, progress=False)
+        DPI((1, 4, 4), n_flows=1).fit(object(), likelihood, FitConfig(steps=1), progress=False)
 
 
 def test_wrong_log_prob_shape_raises_without_updating(small_problem):
@@ -394,7 +420,7 @@ def test_wrong_log_prob_shape_raises_without_updating(small_problem):
     dpi = DPI((1, 4, 4), n_flows=1)
     before = {k: v.clone() for k, v in dpi.state_dict().items()}
     with pytest.raises(ValueError, match=r"prior: expected log_prob to return shape \(8,\)"):
-        dpi.fit(Summed(), likelihood, steps=2, batch_size=8, progress=False)
+        dpi.fit(Summed(), likelihood, FitConfig(steps=2, batch_size=8), progress=False)
     assert all(torch.equal(v, dpi.state_dict()[k]) for k, v in before.items())
 
 
@@ -402,8 +428,13 @@ def test_wrong_log_prob_shape_raises_without_updating(small_problem):
 
 
 def _fit(dpi, prior, likelihood, steps, **kwargs):
-    options = dict(batch_size=8, lr=1e-2, warmup=0, schedule="constant", progress=False)
-    return dpi.fit(prior, likelihood, steps=steps, **{**options, **kwargs})
+    """dpi.fit with FitConfig(steps, batch_size=8, lr=1e-2, warmup=0, schedule="constant"), progress off;
+    kwargs overrides FitConfig options and passes fit's own arguments (checkpoint, generator, ...)."""
+    options = {**dict(batch_size=8, lr=1e-2, warmup=0, schedule="constant"), **kwargs}
+    fields = {field.name for field in dataclasses.fields(FitConfig)}
+    config = FitConfig(steps=steps, **{key: value for key, value in options.items() if key in fields})
+    arguments = {key: value for key, value in options.items() if key not in fields}
+    return dpi.fit(prior, likelihood, config, progress=False, **arguments)
 
 
 def test_nan_steps_are_skipped_and_leave_parameters_unchanged(small_problem):
@@ -445,24 +476,24 @@ def test_resumed_run_equals_uninterrupted_run(small_problem, tmp_path):
     """Killed mid-run, restarted from its last checkpoint: identical weights and history, including a
     prior that draws from the global RNG."""
     prior, likelihood, _, _ = small_problem
-    options = dict(steps=10, batch_size=8, lr=1e-2, warmup=3, checkpoint_every=4, progress=False)
+    config = FitConfig(steps=10, batch_size=8, lr=1e-2, warmup=3, checkpoint_every=4)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(7)
         straight = DPI((1, 4, 4), n_flows=2, hidden=16)
-        expected = straight.fit(_Recording(prior, global_noise=True), likelihood, **options)
+        expected = straight.fit(_Recording(prior, global_noise=True), likelihood, config, progress=False)
 
     path = tmp_path / "dpi.pt"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(7)
         with pytest.raises(_Stop):
             DPI((1, 4, 4), n_flows=2, hidden=16).fit(_Recording(prior, stop_at=9, global_noise=True), likelihood,
-                                                     checkpoint=path, **options)
+                                                     config, checkpoint=path, progress=False)
         assert torch.load(path, weights_only=True)["step"] == 8
         torch.manual_seed(12345)  # the checkpoint's RNG state must win over the current one
         resumed = DPI((1, 4, 4), n_flows=2, hidden=16)
         prior_after = _Recording(prior, global_noise=True)
-        history = resumed.fit(prior_after, likelihood, checkpoint=path, **options)
+        history = resumed.fit(prior_after, likelihood, config, checkpoint=path, progress=False)
 
     assert prior_after.calls == 2
     assert history == expected
@@ -504,7 +535,7 @@ def test_flux_penalty_pulls_total_flux_to_target(small_problem):
     mean total flux moves to 6 (the constraint's std 0.06 is far below the prior's, about 4)."""
     prior, likelihood, _, _ = small_problem
     dpi = DPI((1, 4, 4), n_flows=2, positive=True, flux=6.0)
-    history = dpi.fit(prior, likelihood, steps=300, batch_size=32, lr=1e-2, warmup=10, data_weight=0.0,
+    history = dpi.fit(prior, likelihood, FitConfig(steps=300, batch_size=32, lr=1e-2, warmup=10, data_weight=0.0),
                       progress=False)
     x, _ = dpi.sample(2000, generator=torch.Generator().manual_seed(0))
     total = x.flatten(1).sum(1)
@@ -514,7 +545,7 @@ def test_flux_penalty_pulls_total_flux_to_target(small_problem):
 
 def test_progress_bar_shows_the_loss_terms(small_problem, capsys):
     prior, likelihood, _, _ = small_problem
-    DPI((1, 4, 4), n_flows=1).fit(prior, likelihood, steps=4, batch_size=4, progress=True, log_every=2)
+    DPI((1, 4, 4), n_flows=1).fit(prior, likelihood, FitConfig(steps=4, batch_size=4, log_every=2), progress=True)
     err = capsys.readouterr().err
     assert "nll=" in err and "neg_log_prior=" in err and "log_q=" in err
 
@@ -631,14 +662,15 @@ def test_resumed_surrogate_run_equals_uninterrupted_run(small_problem, tmp_path)
     """The generator the prior draws from is in the checkpoint: kill at step 9, resume, same weights and history."""
     prior, likelihood, _, _ = small_problem
     surrogate = _surrogate(prior)
-    options = dict(steps=10, batch_size=8, lr=1e-2, warmup=3, checkpoint_every=4, progress=False)
+    config = FitConfig(steps=10, batch_size=8, lr=1e-2, warmup=3, checkpoint_every=4)
     straight = DPI((1, 4, 4), n_flows=2, hidden=16)
-    expected = straight.fit(_StopAt(surrogate), likelihood, **options)
+    expected = straight.fit(_StopAt(surrogate), likelihood, config, progress=False)
     path = tmp_path / "dpi.pt"
     with pytest.raises(_Stop):
-        DPI((1, 4, 4), n_flows=2, hidden=16).fit(_StopAt(surrogate, stop_at=9), likelihood, checkpoint=path, **options)
+        DPI((1, 4, 4), n_flows=2, hidden=16).fit(_StopAt(surrogate, stop_at=9), likelihood, config, checkpoint=path,
+                                                 progress=False)
     resumed = DPI((1, 4, 4), n_flows=2, hidden=16)
-    assert resumed.fit(_StopAt(surrogate), likelihood, checkpoint=path, **options) == expected
+    assert resumed.fit(_StopAt(surrogate), likelihood, config, checkpoint=path, progress=False) == expected
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key])
 
@@ -676,7 +708,7 @@ def test_dpi_fits_a_closure_posterior_that_psis_accepts():
     columns = cover.time[keep], cover.t1[keep], cover.t2[keep], y, sigma
     likelihood = ClosureLikelihood(operator, eht.closure_phases(*columns), eht.log_closure_amplitudes(*columns))
     dpi = DPI((1, 6, 6), n_flows=4, reference=prior, seed=0).double()
-    dpi.fit(prior, likelihood, steps=1000, batch_size=64, lr=3e-3, warmup=100, progress=False,
+    dpi.fit(prior, likelihood, FitConfig(steps=1000, batch_size=64, lr=3e-3, warmup=100), progress=False,
             generator=torch.Generator().manual_seed(1))
     check = check_posterior(dpi, prior, likelihood, n=512, generator=torch.Generator().manual_seed(2))
     assert check.khat < 0.7, check.verdict

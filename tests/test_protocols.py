@@ -9,10 +9,10 @@ from scoreprior import eht
 from scoreprior.density import ScorePrior
 from scoreprior.likelihood import ClosureLikelihood, GaussianLikelihood
 from scoreprior.operators import GaussianBlur, Interferometer, uas_to_rad
-from scoreprior.posterior import DPI
+from scoreprior.posterior import DPI, FitConfig
 from scoreprior.priors import GaussianPrior
 from scoreprior.protocols import Likelihood, Prior
-from scoreprior.samplers import dps
+from scoreprior.samplers import Run, dps
 from scoreprior.scores import GaussianScore
 from scoreprior.sde import VPSDE
 from scoreprior.surrogate import SurrogatePrior
@@ -112,7 +112,7 @@ def test_dpi_fit_names_the_argument_and_the_missing_member(bad_prior, bad_likeli
     protocol = "Prior" if name == "prior" else "Likelihood"
     with pytest.raises(TypeError, match=rf"^{name}: expected a scoreprior\.protocols\.{protocol} with .*, got "
                                         rf"\w+ without {missing}$"):
-        DPI(SHAPE, n_flows=1).fit(prior, likelihood, steps=1, progress=False)
+        DPI(SHAPE, n_flows=1).fit(prior, likelihood, FitConfig(steps=1), progress=False)
 
 
 def test_dps_names_the_missing_member_of_its_likelihood():
@@ -120,6 +120,6 @@ def test_dps_names_the_missing_member_of_its_likelihood():
     score = GaussianScore(gaussian.mean, gaussian.cov, sde)
     with pytest.raises(TypeError, match=r"^likelihood: expected a scoreprior\.protocols\.Likelihood .* without "
                                         r"validate$"):
-        dps(score, sde, _NoValidate(), 2, SHAPE, steps=1, progress=False)
+        dps(score, sde, _NoValidate(), 2, SHAPE, steps=1, run=Run(progress=False))
     with pytest.raises(TypeError, match=r"^likelihood: dps .* needs residual\(x\), got _NoResidual without residual$"):
-        dps(score, sde, _NoResidual(), 2, SHAPE, steps=1, progress=False)
+        dps(score, sde, _NoResidual(), 2, SHAPE, steps=1, run=Run(progress=False))

@@ -6,20 +6,25 @@ posterior are known exactly, so sample means can be compared with the truth in s
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import make_operator, random_spd
-from scoreprior import GaussianLikelihood, GaussianPrior, GaussianScore, VPSDE, eht, gaussian_posterior
-from scoreprior.likelihood import ClosureLikelihood
-from scoreprior.operators import Identity, Inpainting, Interferometer, uas_to_rad
-from scoreprior.samplers import _least_squares, dps, sample_prior, score_ald, sde_projection
+from conftest import closure_problem, make_operator, random_spd
+from scoreprior import GaussianLikelihood, GaussianPrior, GaussianScore, VPSDE, gaussian_posterior
+from scoreprior.operators import Identity, Inpainting
+from scoreprior.samplers import Run, dps, sample_prior, score_ald, sde_projection
+from scoreprior.samplers.projection import least_squares
 
 N = 4000
 SHAPE = (1, 2, 3)
 D = 6
 SDE_ = VPSDE()
+QUIET = Run(progress=False)
+
+
+def _f64(seed):
+    """A quiet float64 run whose generator is seeded with `seed`."""
+    return Run(generator=torch.Generator().manual_seed(seed), dtype=torch.float64, progress=False)
 
 
 def _problem():
@@ -55,9 +60,7 @@ def _report(name, x, mean, cov):
 def test_sample_prior_matches_gaussian(method):
     mean, cov = _problem()
     score = GaussianScore(mean, cov, SDE_)
-    g = torch.Generator().manual_seed(0)
-    x = sample_prior(score, SDE_, N, (D,), steps=200, method=method, generator=g, dtype=torch.float64,
-                     progress=False)
+    x = sample_prior(score, SDE_, N, (D,), steps=200, method=method, run=_f64(0))
     assert x.shape == (N, D)
     # p_t0 has covariance a^2 C + s^2 I with s(1e-3)^2 ~ 1e-4, negligible against C's smallest eigenvalue 0.05.
     z, ratio = _report(f"sample_prior[{method}]", x, mean, cov)
@@ -70,9 +73,7 @@ def test_sample_prior_matches_gaussian(method):
 
 def test_score_ald_denoising_mean():
     score, lik, post_mean, post_cov = _denoising_problem()
-    g = torch.Generator().manual_seed(2)
-    x = score_ald(score, SDE_, lik, N, SHAPE, lr=1e-4, n_levels=50, steps_per_level=10, generator=g,
-                  dtype=torch.float64, progress=False)
+    x = score_ald(score, SDE_, lik, N, SHAPE, lr=1e-4, n_levels=50, steps_per_level=10, run=_f64(2))
     assert x.shape == (N, *SHAPE)
     z, _ = _report("score_ald", x, post_mean, post_cov)
     # Unadjusted Langevin on a Gaussian target keeps the exact mean at stationarity (the update is affine
@@ -82,10 +83,8 @@ def test_score_ald_denoising_mean():
 
 def test_dps_zero_weight_is_sample_prior():
     score, lik, _, _ = _denoising_problem()
-    a = dps(score, SDE_, lik, 50, SHAPE, zeta=0.0, steps=20, generator=torch.Generator().manual_seed(3),
-            dtype=torch.float64, progress=False)
-    b = sample_prior(score, SDE_, 50, SHAPE, steps=20, generator=torch.Generator().manual_seed(3),
-                     dtype=torch.float64, progress=False)
+    a = dps(score, SDE_, lik, 50, SHAPE, zeta=0.0, steps=20, run=_f64(3))
+    b = sample_prior(score, SDE_, 50, SHAPE, steps=20, run=_f64(3))
     torch.testing.assert_close(a, b)
 
 
@@ -96,8 +95,7 @@ def test_dps_moves_to_posterior():
     0.5 posterior std of the posterior mean (measured: 0.28), and print the bias.
     """
     score, lik, post_mean, post_cov = _denoising_problem()
-    g = torch.Generator().manual_seed(4)
-    x = dps(score, SDE_, lik, N, SHAPE, zeta=0.1, steps=200, generator=g, dtype=torch.float64, progress=False)
+    x = dps(score, SDE_, lik, N, SHAPE, zeta=0.1, steps=200, run=_f64(4))
     _report("dps[zeta=0.1]", x, post_mean, post_cov)
     err = (x.reshape(N, -1).mean(0) - post_mean) / post_cov.diagonal().sqrt()
     assert err.abs().max() < 0.5
@@ -115,12 +113,12 @@ def _masked_problem():
 
 
 def _run(name, weight, score, lik, shape, n, seed):
-    common = dict(generator=torch.Generator().manual_seed(seed), dtype=torch.float64, progress=False)
+    run = Run(generator=torch.Generator().manual_seed(seed), dtype=torch.float64, progress=False)
     if name == "dps":
-        return dps(score, SDE_, lik, n, shape, zeta=weight, steps=200, **common)
+        return dps(score, SDE_, lik, n, shape, zeta=weight, steps=200, run=run)
     if name == "score_ald":
-        return score_ald(score, SDE_, lik, n, shape, lr=weight, n_levels=50, steps_per_level=10, **common)
-    return sde_projection(score, SDE_, lik, n, shape, lam=weight, snr=0.0, steps=200, **common)
+        return score_ald(score, SDE_, lik, n, shape, lr=weight, n_levels=50, steps_per_level=10, run=run)
+    return sde_projection(score, SDE_, lik, n, shape, lam=weight, snr=0.0, steps=200, run=run)
 
 
 # Each sampler's weight is chosen on one seed by the largest mean error in posterior stds, then judged on
@@ -164,10 +162,8 @@ def test_best_weight_posterior_mean(name, weights, max_se, max_post_std):
 
 def test_sde_projection_zero_weight_is_sample_prior():
     score, lik, _, _ = _denoising_problem()
-    a = sde_projection(score, SDE_, lik, 50, SHAPE, lam=0.0, snr=0.0, steps=20,
-                       generator=torch.Generator().manual_seed(3), dtype=torch.float64, progress=False)
-    b = sample_prior(score, SDE_, 50, SHAPE, steps=20, generator=torch.Generator().manual_seed(3),
-                     dtype=torch.float64, progress=False)
+    a = sde_projection(score, SDE_, lik, 50, SHAPE, lam=0.0, snr=0.0, steps=20, run=_f64(3))
+    b = sample_prior(score, SDE_, 50, SHAPE, steps=20, run=_f64(3))
     torch.testing.assert_close(a, b)
 
 
@@ -176,8 +172,7 @@ def test_sde_projection_hard_projection_fixes_measured_pixels():
     score, _, shape, _, _ = _masked_problem()
     op = Inpainting(torch.tensor([[1.0, 0.0]]))
     lik = GaussianLikelihood(op, torch.tensor([1.2, 0.0], dtype=torch.float64).reshape(1, *shape), 1e-3)
-    x = sde_projection(score, SDE_, lik, 500, shape, lam=1.0, snr=0.0, steps=500,
-                       generator=torch.Generator().manual_seed(1), dtype=torch.float64, progress=False)
+    x = sde_projection(score, SDE_, lik, 500, shape, lam=1.0, snr=0.0, steps=500, run=_f64(1))
     # after the last projection, one Euler–Maruyama step of size 1/500 with g^2 ~ β(t0) = 0.1 adds noise of
     # std sqrt(0.1 / 500) = 0.014 and a drift of order 1e-2
     assert (x[..., 0] - 1.2).abs().mean() < 0.03
@@ -192,7 +187,7 @@ def test_least_squares_is_pseudo_inverse(kind, iters):
     op = make_operator(kind, (1, 6, 6), g, sigma=0.7, kernel_size=5, k=3)
     x = torch.randn(3, 1, 6, 6, generator=g, dtype=torch.float64)
     r = op.A(x)
-    u = _least_squares(op, r, x, iters=iters, rtol=1e-12)
+    u = least_squares(op, r, x, iters=iters, rtol=1e-12)
     torch.testing.assert_close(op.A(u), r, atol=1e-6, rtol=0)
     # minimum norm: u has no component in the null space, so ||u|| <= ||x||
     assert (u.flatten(1).norm(dim=1) <= x.flatten(1).norm(dim=1) + 1e-9).all()
@@ -202,16 +197,17 @@ def test_diverging_langevin_is_stopped():
     """A step size far above the stability limit gives finite but exploding states: caught, not returned."""
     score, lik, _, _ = _denoising_problem()
     with pytest.raises(FloatingPointError, match=r"diverged.*lr=0.01"):
-        score_ald(score, SDE_, lik, 16, SHAPE, lr=1e-2, n_levels=20, steps_per_level=5, progress=False)
+        score_ald(score, SDE_, lik, 16, SHAPE, lr=1e-2, n_levels=20, steps_per_level=5, run=QUIET)
 
 
 def test_reproducible_with_generator():
     score, lik, _, _ = _denoising_problem()
-    for f in (lambda g: sample_prior(score, SDE_, 8, SHAPE, steps=10, generator=g, progress=False),
-              lambda g: dps(score, SDE_, lik, 8, SHAPE, steps=10, generator=g, progress=False),
-              lambda g: score_ald(score, SDE_, lik, 8, SHAPE, n_levels=5, steps_per_level=2, generator=g,
-                                  progress=False),
-              lambda g: sde_projection(score, SDE_, lik, 8, SHAPE, lam=0.5, steps=10, generator=g, progress=False)):
+    for f in (lambda g: sample_prior(score, SDE_, 8, SHAPE, steps=10, run=Run(generator=g, progress=False)),
+              lambda g: dps(score, SDE_, lik, 8, SHAPE, steps=10, run=Run(generator=g, progress=False)),
+              lambda g: score_ald(score, SDE_, lik, 8, SHAPE, n_levels=5, steps_per_level=2,
+                                  run=Run(generator=g, progress=False)),
+              lambda g: sde_projection(score, SDE_, lik, 8, SHAPE, lam=0.5, steps=10,
+                                       run=Run(generator=g, progress=False))):
         torch.testing.assert_close(f(torch.Generator().manual_seed(5)), f(torch.Generator().manual_seed(5)))
 
 
@@ -222,71 +218,53 @@ def test_nan_score_raises_naming_step():
         return torch.full_like(x, math.nan)
 
     with pytest.raises(FloatingPointError, match=r"step 1/10.*method='sde'"):
-        sample_prior(nan_score, SDE_, 4, SHAPE, steps=10, progress=False)
+        sample_prior(nan_score, SDE_, 4, SHAPE, steps=10, run=QUIET)
     with pytest.raises(FloatingPointError, match=r"step 1/10.*zeta=0.5"):
-        dps(nan_score, SDE_, lik, 4, SHAPE, zeta=0.5, steps=10, progress=False)
+        dps(nan_score, SDE_, lik, 4, SHAPE, zeta=0.5, steps=10, run=QUIET)
     with pytest.raises(FloatingPointError, match=r"step 1/6.*lr="):
-        score_ald(nan_score, SDE_, lik, 4, SHAPE, n_levels=3, steps_per_level=2, progress=False)
+        score_ald(nan_score, SDE_, lik, 4, SHAPE, n_levels=3, steps_per_level=2, run=QUIET)
     with pytest.raises(FloatingPointError, match=r"step 1/10.*lam=0.5"):
-        sde_projection(nan_score, SDE_, lik, 4, SHAPE, lam=0.5, steps=10, progress=False)
+        sde_projection(nan_score, SDE_, lik, 4, SHAPE, lam=0.5, steps=10, run=QUIET)
 
 
 def test_bad_arguments():
     score, lik, _, _ = _denoising_problem()
     with pytest.raises(ValueError, match="method"):
-        sample_prior(score, SDE_, 4, SHAPE, method="heun", progress=False)
+        sample_prior(score, SDE_, 4, SHAPE, method="heun", run=QUIET)
     with pytest.raises(ValueError, match="zeta"):
-        dps(score, SDE_, lik, 4, SHAPE, zeta=-1.0, progress=False)
+        dps(score, SDE_, lik, 4, SHAPE, zeta=-1.0, run=QUIET)
     with pytest.raises(ValueError, match="t0"):
-        score_ald(score, SDE_, lik, 4, SHAPE, t0=0.0, progress=False)
+        score_ald(score, SDE_, lik, 4, SHAPE, run=Run(t0=0.0, progress=False))
     with pytest.raises(ValueError, match="lam"):
-        sde_projection(score, SDE_, lik, 4, SHAPE, lam=1.5, progress=False)
+        sde_projection(score, SDE_, lik, 4, SHAPE, lam=1.5, run=QUIET)
     with pytest.raises(ValueError, match="n_corrector"):
-        sde_projection(score, SDE_, lik, 4, SHAPE, n_corrector=-1, progress=False)
+        sde_projection(score, SDE_, lik, 4, SHAPE, n_corrector=-1, run=QUIET)
 
 
 @pytest.mark.parametrize("sampler", [dps, score_ald, sde_projection])
 def test_event_shape_that_does_not_match_the_likelihood_is_named(sampler):
     score, lik, _, _ = _denoising_problem()  # y of (1, 2, 3) images
     with pytest.raises(ValueError, match=r"event_shape \(1, 3, 2\) does not match the likelihood: y: expected"):
-        sampler(score, SDE_, lik, 4, (1, 3, 2), generator=torch.Generator().manual_seed(0), progress=False)
+        sampler(score, SDE_, lik, 4, (1, 3, 2), run=_f64(0))
     with pytest.raises(ValueError, match="event_shape: expected a tuple"):
-        sampler(score, SDE_, lik, 4, 6, progress=False)
-
-
-def _closure_problem():
-    """A Gaussian prior on 1 x 6 x 6 images around a blob, closures of one draw seen by three EHT 2017 scans."""
-    cover = eht.uv_coverage(eht.load_array("EHT2017"), 12.5137, 12.3911, 57854)
-    keep = np.isin(cover.time, np.unique(cover.time)[[20, 30, 60]])
-    operator = Interferometer(cover.uv[keep], 6, uas_to_rad(120.0))
-    grid = torch.arange(6, dtype=torch.float64) - 2.5
-    mean = torch.exp(-(grid[:, None] ** 2 + grid[None, :] ** 2) / 4).reshape(1, 6, 6)
-    cov = 0.01 * torch.eye(36, dtype=torch.float64)
-    truth = GaussianPrior(mean, cov).sample(1, generator=torch.Generator().manual_seed(5))
-    vis = operator.A(truth)[0].numpy()
-    sigma = 0.05 * np.abs(vis).mean() * np.ones(len(vis))
-    columns = cover.time[keep], cover.t1[keep], cover.t2[keep], vis, sigma
-    lik = ClosureLikelihood(operator, eht.closure_phases(*columns), eht.log_closure_amplitudes(*columns))
-    return GaussianScore(mean, cov, SDE_), lik
+        sampler(score, SDE_, lik, 4, 6, run=QUIET)
 
 
 def test_dps_follows_a_closure_likelihood():
     """DPS takes a non-linear likelihood through its whitened residual: its draws fit the closures far
     better than prior draws from the same seed (measured: χ² 1.0 / 0.8 against 1.75 / 2.0, log p +29 nats;
     DPS is not exact, see above)."""
-    score, lik = _closure_problem()
-    options = dict(steps=300, generator=torch.Generator().manual_seed(6), dtype=torch.float64, progress=False)
-    guided = dps(score, SDE_, lik, 64, (1, 6, 6), zeta=0.003, **options)
-    options["generator"] = torch.Generator().manual_seed(6)
-    free = sample_prior(score, SDE_, 64, (1, 6, 6), **options)
+    score, lik = closure_problem(SDE_)
+    guided = dps(score, SDE_, lik, 64, (1, 6, 6), zeta=0.003, steps=300, run=_f64(6))
+    free = sample_prior(score, SDE_, 64, (1, 6, 6), steps=300, run=_f64(6))
     for key, value in lik.reduced_chi2(guided).items():
         assert value.median() < 0.7 * lik.reduced_chi2(free)[key].median(), key
     assert lik.log_prob(guided).median() > lik.log_prob(free).median() + 15
 
 
 def test_linear_samplers_refuse_closure_likelihoods():
-    score, lik = _closure_problem()
+    score, lik = closure_problem(SDE_)
     with pytest.raises(TypeError, match="score_ald needs a linear operator"):
-        score_ald(score, SDE_, lik, 2, (1, 6, 6), progress=False)
+        score_ald(score, SDE_, lik, 2, (1, 6, 6), run=QUIET)
     with pytest.raises(TypeError, match="sde_projection needs a linear operator"):
-        sde_projection(score, SDE_, lik, 2, (1, 6, 6), progress=False)
+        sde_projection(score, SDE_, lik, 2, (1, 6, 6), run=QUIET)

@@ -11,7 +11,8 @@ from scoreprior.operators import GaussianBlur, Identity, Inpainting
 from scoreprior.sde import VPSDE, sde_from_config
 from scoreprior.noise_prediction import NoisePredictionScore
 from scoreprior.training import TrainConfig, dsm_loss, train_score_model
-from scoreprior.ws.sampling import _CovarianceStep, _time_grid  # private pieces checked against dense algebra / formulas
+from scoreprior.samplers import Run
+from scoreprior.ws.sampling import _CovarianceStep  # a private piece checked against dense algebra
 from scoreprior.ws import (
     GaussianWhitenedScore, Haze, WhitenedScore, WidthConditionedNet, WSProcess, build_ws_net, choose_lambda,
     gaussian_spectrum, load_ws_model, mix_white, power_law_spectrum, power_spectrum, spectrum_from_recipe,
@@ -23,8 +24,16 @@ D = SIZE[0] * SIZE[1]
 F64 = torch.float64
 
 
+QUIET = Run(progress=False)
+
+
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def f64(seed: int) -> Run:
+    """A quiet float64 run drawing from gen(seed)."""
+    return Run(generator=gen(seed), dtype=F64, progress=False)
 
 
 def process_8x8() -> WSProcess:
@@ -208,8 +217,7 @@ def test_sampler_with_exact_model_reproduces_mean_and_spectrum(method):
     model = GaussianWhitenedScore(mean, c, process)
     errors = []
     for steps in (200, 400):
-        x = ws_sample(model, process, 2000, (1, *SIZE), steps=steps, method=method, generator=gen(12), dtype=F64,
-                      progress=False)
+        x = ws_sample(model, process, 2000, (1, *SIZE), steps=steps, method=method, run=f64(12))
         rel = power_per_frequency(x, mean) / c - 1
         errors.append(float(rel.abs().mean()))
         std_err = torch.sqrt(c.sum() / D / 2000)  # Monte Carlo std of the pixel-averaged mean
@@ -242,8 +250,7 @@ def test_dehazing_posterior_mean_with_the_exact_lambda_schedule():
     y = haze.sample(truth, generator=gen(14))
     post_mean = (sigma**2 * mu + c0 * y) / (c0 + sigma**2)
     x = ws_sample(GaussianWhitenedScore(mu, c, process), process, 2000, (1, *SIZE), likelihood=haze.likelihood(y),
-                  lam=exact_dehazing_schedule(process, c0, sigma), normalize=False, residual="tweedie", steps=400,
-                  generator=gen(15), dtype=F64, progress=False)
+                  lam=exact_dehazing_schedule(process, c0, sigma), residual="tweedie-gradient", steps=400, run=f64(15))
     err = (x.mean(0) - post_mean[0]).norm() / (post_mean - mu).norm()
     assert err < 0.04
     # the posterior variance per frequency: v0 kappa^2, v0 = c0 sigma^2 / (c0 + sigma^2)
@@ -302,8 +309,7 @@ def test_covariance_data_step_samples_the_exact_posterior(method, steps):
     lik = haze.likelihood(haze.sample(truth, generator=gen(44)))
     mu_post, cov_post = exact_posterior(mean, cov, lik)
     x = ws_sample(GaussianWhitenedScore(mean, c, process), process, 2000, (1, *SIZE), likelihood=lik,
-                  residual="covariance", prior_spectrum=c, method=method, steps=steps, generator=gen(45), dtype=F64,
-                  progress=False)
+                  residual="covariance", prior_spectrum=c, method=method, steps=steps, run=f64(45))
     err = (x.mean(0).flatten() - mu_post).norm() / (mu_post - mean.flatten()).norm()
     assert err < 0.02
     ratio = x.flatten(1).var(0) / cov_post.diagonal()
@@ -317,25 +323,9 @@ def test_ancestral_sampler_is_exact_for_a_gaussian_prior_at_few_steps():
     process = process_8x8()
     mean, c, _ = circulant_gaussian()
     x = ws_sample(GaussianWhitenedScore(mean, c, process), process, 2000, (1, *SIZE), prior_spectrum=c,
-                  method="ancestral", steps=10, generator=gen(47), dtype=F64, progress=False)
+                  method="ancestral", steps=10, run=f64(47))
     assert float((power_per_frequency(x, mean) / c - 1).abs().mean()) < 0.05
     assert abs(float(x.mean()) - 0.5) < 4 * float(torch.sqrt(c.sum() / D / 2000))
-
-
-def test_time_grids():
-    """Every grid runs from T to t0, decreasing; "log_snr" is equally spaced in log(s / a), "edm" in (s / a)^(1/7)."""
-    process = process_8x8()
-    for kind in ("uniform", "log_snr", "edm"):
-        ts = _time_grid(process, 50, 1e-3, kind)
-        assert ts.shape == (51,) and float(ts[0]) == 1.0 and math.isclose(float(ts[-1]), 1e-3)
-        assert bool((ts[1:] < ts[:-1]).all())
-    a, s = process.marginal(_time_grid(process, 50, 1e-3, "log_snr"))
-    assert torch.allclose(torch.diff(torch.log(s / a)), torch.diff(torch.log(s / a))[0].expand(50), rtol=1e-6)
-    a, s = process.marginal(_time_grid(process, 50, 1e-3, "edm"))
-    root = (s / a) ** (1 / 7)
-    assert torch.allclose(torch.diff(root), torch.diff(root)[0].expand(50), rtol=1e-6)
-    with pytest.raises(ValueError, match="time_grid"):
-        _time_grid(process, 50, 1e-3, "cosine")
 
 
 def test_power_spectrum_of_circulant_gaussian_draws():
@@ -356,11 +346,11 @@ def test_data_step_is_normalised_per_sample():
     lik = haze.likelihood(haze.sample(mean[None] + 0.1, generator=gen(16)))
     start = process.noise((2, 1, *SIZE), generator=gen(17), dtype=F64)
     start[1] *= 5
-    opts = dict(likelihood=lik, lam=0.5, steps=50, dtype=F64, progress=False)
+    opts = dict(likelihood=lik, lam=0.5, steps=50, run=Run(dtype=F64, progress=False))
     both = ws_sample(model, process, 2, (1, *SIZE), x_init=start, **opts)
     one = [ws_sample(model, process, 1, (1, *SIZE), x_init=start[i : i + 1], **opts) for i in range(2)]
     assert torch.allclose(both, torch.cat(one), atol=1e-12)
-    unconditional = ws_sample(model, process, 2, (1, *SIZE), x_init=start, steps=50, dtype=F64, progress=False)
+    unconditional = ws_sample(model, process, 2, (1, *SIZE), x_init=start, steps=50, run=opts["run"])
     assert torch.allclose(ws_sample(model, process, 2, (1, *SIZE), x_init=start, **{**opts, "lam": 0.0}),
                           unconditional)
     # the data step moves towards the data: the misfit falls as lam grows (measured 0.92, 0.24, 0.09)
@@ -379,16 +369,13 @@ def test_sweep_and_auto_lambda():
     haze = Haze(process.spectrum, sigma)
     truth = mu + 0.2 * process.noise((1, 1, *size), generator=gen(18), dtype=F64)
     lik = haze.likelihood(haze.sample(truth, generator=gen(19)))
-    rows = sweep_lambda(model, process, lik, (1, *size), [0.0, 1.0], truth=truth, steps=60, generator=gen(20),
-                        dtype=F64)
+    rows = sweep_lambda(model, process, lik, (1, *size), [0.0, 1.0], truth=truth, steps=60, run=f64(20))
     assert [r["lam"] for r in rows] == [0.0, 1.0] and rows[1]["misfit"] < rows[0]["misfit"]
     assert all(math.isfinite(r["psnr"]) and -1 <= r["ssim"] <= 1 for r in rows)
-    lam, table = choose_lambda(model, process, lik, (1, *size), grid=(0.1, 1.0, 10.0), steps=60, generator=gen(21),
-                               dtype=F64)
+    lam, table = choose_lambda(model, process, lik, (1, *size), grid=(0.1, 1.0, 10.0), steps=60, run=f64(21))
     energy = lik.noise_energy()
     assert lam == min(table, key=lambda r: abs(math.log(r["misfit"] / energy)))["lam"]
-    x = ws_sample(model, process, 2, (1, *size), likelihood=lik, lam="auto", steps=60, generator=gen(22), dtype=F64,
-                  progress=False)
+    x = ws_sample(model, process, 2, (1, *size), likelihood=lik, lam="auto", steps=60, run=f64(22))
     assert torch.isfinite(x).all()
 
 
@@ -399,7 +386,7 @@ def test_sampler_guard_names_step_and_lambda():
         return torch.full_like(x, float("nan")) if float(t[0]) < 0.5 else torch.zeros_like(x)
 
     with pytest.raises(FloatingPointError, match=r"step \d+/40.*lam=0.3"):
-        ws_sample(exploding, process, 2, (1, *SIZE), steps=40, lam=0.3, progress=False,
+        ws_sample(exploding, process, 2, (1, *SIZE), steps=40, lam=0.3, run=QUIET,
                   likelihood=Haze(process.spectrum, 0.1).likelihood(torch.zeros(1, 1, *SIZE)))
 
 
@@ -438,35 +425,35 @@ def test_validation():
     with pytest.raises(ValueError, match="x0: expected shape"):
         ws_loss(lambda x, t: x, process, torch.zeros(2, 1, 4, 4))
     with pytest.raises(ValueError, match="event_shape"):
-        ws_sample(model, process, 2, (1, 4, 4), progress=False)
+        ws_sample(model, process, 2, (1, 4, 4), run=QUIET)
     with pytest.raises(ValueError, match="steps.*'ancestral' takes any number"):
-        ws_sample(model, process, 2, (1, *SIZE), steps=10, progress=False)
+        ws_sample(model, process, 2, (1, *SIZE), steps=10, run=QUIET)
     with pytest.raises(ValueError, match="lam"):
-        ws_sample(model, process, 2, (1, *SIZE), lam="best", progress=False)
+        ws_sample(model, process, 2, (1, *SIZE), lam="best", run=QUIET)
     with pytest.raises(ValueError, match="lam.*likelihood"):
-        ws_sample(model, process, 2, (1, *SIZE), lam="auto", progress=False)
+        ws_sample(model, process, 2, (1, *SIZE), lam="auto", run=QUIET)
     with pytest.raises(ValueError, match="lam"):
-        ws_sample(model, process, 2, (1, *SIZE), lam=-1.0, progress=False)
+        ws_sample(model, process, 2, (1, *SIZE), lam=-1.0, run=QUIET)
     with pytest.raises(ValueError, match="method: expected 'ode', 'sde' or 'ancestral'"):
-        ws_sample(model, process, 2, (1, *SIZE), method="heun", progress=False)
+        ws_sample(model, process, 2, (1, *SIZE), method="heun", run=QUIET)
     with pytest.raises(ValueError, match="x_init"):
-        ws_sample(model, process, 2, (1, *SIZE), x_init=torch.zeros(3, 1, *SIZE), progress=False)
+        ws_sample(model, process, 2, (1, *SIZE), x_init=torch.zeros(3, 1, *SIZE), run=QUIET)
     with pytest.raises(ValueError, match="y: expected shape"):
         Haze(process.spectrum, 0.1).likelihood(torch.zeros(8, 8))
     lik = Haze(process.spectrum, 0.1).likelihood(torch.zeros(1, 1, *SIZE, dtype=F64))
     c = circulant_gaussian()[1]
-    cov_opts = dict(residual="covariance", steps=40, progress=False, dtype=F64)
+    cov_opts = dict(residual="covariance", steps=40, run=Run(dtype=F64, progress=False))
     with pytest.raises(ValueError, match="prior_spectrum: residual='covariance' and method='ancestral' need it"):
         ws_sample(model, process, 2, (1, *SIZE), likelihood=lik, **cov_opts)
     with pytest.raises(ValueError, match="prior_spectrum: residual='covariance' and method='ancestral' need it"):
-        ws_sample(model, process, 2, (1, *SIZE), method="ancestral", steps=40, progress=False)
+        ws_sample(model, process, 2, (1, *SIZE), method="ancestral", steps=40, run=QUIET)
     with pytest.raises(ValueError, match="prior_spectrum: only"):
         ws_sample(model, process, 2, (1, *SIZE), likelihood=lik, prior_spectrum=c, residual="x", method="sde",
-                  steps=40, progress=False)
+                  steps=40, run=QUIET)
     with pytest.raises(ValueError, match="prior_spectrum: expected a \\(H, W\\)"):
         ws_sample(model, process, 2, (1, *SIZE), likelihood=lik, prior_spectrum=c[:4], **cov_opts)
-    with pytest.raises(ValueError, match="normalize"):
-        ws_sample(model, process, 2, (1, *SIZE), likelihood=lik, prior_spectrum=c, normalize=True, **cov_opts)
+    with pytest.raises(ValueError, match="residual: expected 'x', 'tweedie', 'x-gradient', 'tweedie-gradient' or"):
+        ws_sample(model, process, 2, (1, *SIZE), likelihood=lik, prior_spectrum=c, **{**cov_opts, "residual": "normalized"})
     mask = torch.ones(1, *SIZE)
     mask[..., :2, :] = 0
     with pytest.raises(TypeError, match="circulant operator"):
@@ -507,7 +494,7 @@ def test_tiny_trained_model(tmp_path):
     assert torch.allclose(model(x_check, 0.3), WhitenedScore(net, process)(x_check, 0.3), atol=1e-6)
     # the reverse SDE: the probability flow (Algorithm 1) amplifies this briefly trained net's errors where
     # -beta x / 2 and -n / 2 nearly cancel (t near 1); measured ode: power 350x too large, sde: RMS 0.33
-    x = ws_sample(model, model.process, 512, (1, *SIZE), steps=200, method="sde", generator=gen(28), progress=False)
+    x = ws_sample(model, model.process, 512, (1, *SIZE), steps=200, method="sde", run=Run(generator=gen(28), progress=False))
     assert abs(float(x.mean()) - 0.5) < 0.05
     log_ratio = (power_per_frequency(x.double(), mean) / c).log()
     assert float(log_ratio.pow(2).mean().sqrt()) < math.log(2)

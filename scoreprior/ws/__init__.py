@@ -21,10 +21,10 @@ from scoreprior.ws.models import WhitenedScore, WidthConditionedNet, build_ws_ne
 from scoreprior.ws.process import (
     GaussianWhitenedScore, WSProcess, gaussian_spectrum, mix_white, power_law_spectrum, spectrum_from_recipe,
 )
-from scoreprior.ws.sampling import Haze, choose_lambda, power_spectrum, sweep_lambda, ws_sample
+from scoreprior.ws.sampling import AutoLambda, Haze, choose_lambda, power_spectrum, sweep_lambda, ws_sample
 
 __all__ = [
     "gaussian_spectrum", "power_law_spectrum", "mix_white", "spectrum_from_recipe",
     "WSProcess", "GaussianWhitenedScore", "WhitenedScore", "WidthConditionedNet", "build_ws_net",
-    "load_ws_model", "ws_loss", "Haze", "power_spectrum", "ws_sample", "sweep_lambda", "choose_lambda",
+    "load_ws_model", "ws_loss", "Haze", "power_spectrum", "AutoLambda", "ws_sample", "sweep_lambda", "choose_lambda",
 ]

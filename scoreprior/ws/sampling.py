@@ -8,22 +8,22 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 from collections.abc import Callable, Sequence
 from numbers import Real
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from scoreprior._checks import choice, number, sampler_options
+from scoreprior._checks import choice, number, positive_int, sampler_options
 from scoreprior.likelihood import DiagonalCovariance, FourierDiagonalCovariance, GaussianLikelihood
 from scoreprior.metrics import psnr, ssim
 from scoreprior.operators import Identity, LinearOperator
-from scoreprior.samplers import _Guard
+from scoreprior.samplers.engine import Run, as_run, integrate
 from scoreprior.sde import per_sample
 from scoreprior.ws.process import WSProcess, check_spectrum, fourier_filter
 
-__all__ = ["Haze", "power_spectrum", "ws_sample", "sweep_lambda", "choose_lambda"]
+__all__ = ["Haze", "power_spectrum", "AutoLambda", "ws_sample", "sweep_lambda", "choose_lambda"]
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -156,8 +156,67 @@ class _CovarianceStep:
         return torch.fft.ifft2(torch.fft.fft2(r.double()) * gain.to(x.device)).real.to(x.dtype)
 
 
-def _per_sample_norm(v: Tensor) -> Tensor:
-    return v.flatten(1).norm(dim=1)
+def _check_grid(grid: object) -> None:
+    """ValueError unless grid is a non-empty sequence of numbers >= 0 (the λ values of a discrepancy search)."""
+    if not grid or any(isinstance(v, bool) or not isinstance(v, Real) or not v >= 0 for v in grid):
+        raise ValueError(f"grid: expected a non-empty sequence of numbers >= 0, got {grid!r}")
+
+
+RESIDUALS = ("x", "tweedie", "x-gradient", "tweedie-gradient", "covariance")
+
+
+@dataclass(frozen=True)
+class AutoLambda:
+    """`ws_sample`'s lam="auto" with its options: λ by the discrepancy principle (`choose_lambda`) over `grid`,
+    from pilot runs of `steps` steps (None: the sampler's steps // 4, or the fewest the method allows) with `n`
+    samples each. lam="auto" is `AutoLambda()`."""
+
+    grid: Sequence[float] = (0.03, 0.1, 0.3, 1.0, 3.0)
+    steps: int | None = None
+    n: int = 2
+
+    def __post_init__(self) -> None:
+        _check_grid(self.grid)
+        if self.steps is not None:
+            positive_int(self.steps, "steps")
+        positive_int(self.n, "n")
+
+
+def _data_term(likelihood: GaussianLikelihood | None, process: WSProcess, residual: str,
+               gaussian: _CovarianceStep | None) -> Callable[[Tensor, Tensor, Tensor, float], Tensor] | None:
+    """The data step of `ws_sample`: term(x, t, n, λ) -> the whitened score with the data term added (None
+    without a likelihood). x, n: (B, C, H, W); t: (B,) equal times."""
+    if likelihood is None:
+        return None
+    if residual == "covariance":
+        return lambda x, t, n, lam: n + lam * gaussian(x, t, n)
+
+    def term(x: Tensor, t: Tensor, n: Tensor, lam: float) -> Tensor:
+        target = process.tweedie(x, t, n) if residual.startswith("tweedie") else x
+        d = likelihood.operator.A_adjoint(likelihood.residual(target))
+        if residual.endswith("gradient"):
+            return n + lam * per_sample(process.beta(t), x) * d
+        ratio = n.flatten(1).norm(dim=1) / d.flatten(1).norm(dim=1).clamp_min(torch.finfo(x.dtype).tiny)
+        return n + lam * per_sample(ratio, x) * d
+
+    return term
+
+
+def _lambda_schedule(lam: object, likelihood: GaussianLikelihood | None, choose: Callable[[AutoLambda], float]
+                     ) -> Callable[[float], float]:
+    """lam as a schedule t -> λ: a number, a callable, or "auto" / an `AutoLambda` resolved by `choose`."""
+    if isinstance(lam, str):
+        if lam != "auto":
+            raise ValueError(f"lam: expected a number, a callable, 'auto' or an AutoLambda, got {lam!r}")
+        lam = AutoLambda()
+    if isinstance(lam, AutoLambda):
+        if likelihood is None:
+            raise ValueError("lam: 'auto' needs a likelihood")
+        lam = choose(lam)
+    if callable(lam):
+        return lam
+    value = number(lam, "lam", low=0.0, low_open=False)
+    return lambda t: value
 
 
 def ws_sample(
@@ -167,39 +226,28 @@ def ws_sample(
     event_shape: tuple[int, int, int],
     *,
     likelihood: GaussianLikelihood | None = None,
-    lam: float | Callable[[float], float] | str = 1.0,
-    normalize: bool | None = None,
+    lam: float | Callable[[float], float] | str | AutoLambda = 1.0,
     residual: str | None = None,
     prior_spectrum: Tensor | None = None,
     method: str | None = None,
     steps: int = 1000,
-    t0: float = 1e-3,
-    time_grid: str | None = None,
-    init: str = "structured",
     x_init: Tensor | None = None,
-    tweedie: bool = True,
-    auto_grid: Sequence[float] = (0.03, 0.1, 0.3, 1.0, 3.0),
-    auto_steps: int | None = None,
-    auto_n: int = 2,
-    generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
-    progress: bool = True,
+    run: Run | None = None,
 ) -> Tensor:
     """Whitened-score sampling, Algorithm 1 of Alido et al. (2025) with consistent signs.
 
-    Grid t_0 = 1 > ... > t_steps = t0 (`time_grid`), step Δ = t_i - t_{i+1}, n = model(x, t), β = β(t):
-      data step (with a likelihood y = A x + b): d = A^H(y - A x) (residual "x", the paper) or
-          d = A^H(y - A x̂_0), x̂_0 = (x + s^2 n / β) / a (residual "tweedie", no Jacobian), and n is replaced by
-          n + λ ‖n‖ d / ‖d‖   (normalize, the default for these two, Jalal et al.: λ is the ratio of the data
-                                 step to the prior step, norms per sample, λ unitless), or
-          n + λ β d             (normalize=False: for y = A x + b, b ~ N(0, σ^2 K K^T) and A commuting with K,
-                                 β K K^T ∇ log N(y; A x, σ^2 K K^T) = β A^H(y - A x) / σ^2, so λ = 1/σ^2 is the
-                                 plain likelihood gradient; λ has units 1 / σ^2);
-          or (residual "covariance", needs `prior_spectrum` c, a circulant A and stationary noise) n + λ n_y with
+    Grid t_0 = 1 > ... > t_steps = t0 (the run's `time_grid`), step Δ = t_i - t_{i+1}, n = model(x, t), β = β(t):
+      data step (with a likelihood y = A x + b), by `residual`:
+        "x" (the paper) / "tweedie": d = A^H(y - A x), or d = A^H(y - A x̂_0) with x̂_0 = (x + s^2 n / β) / a
+          (no Jacobian), and n ← n + λ ‖n‖ d / ‖d‖ (Jalal et al.'s normalisation: λ is the ratio of the data step
+          to the prior step, norms per sample, λ unitless);
+        "x-gradient" / "tweedie-gradient": n ← n + λ β d (for y = A x + b, b ~ N(0, σ^2 K K^T) and A commuting
+          with K, β K K^T ∇ log N(y; A x, σ^2 K K^T) = β A^H(y - A x) / σ^2, so λ = 1/σ^2 is the plain likelihood
+          gradient; λ has units 1 / σ^2);
+        "covariance" (needs `prior_spectrum` c, a circulant A and stationary noise): n ← n + λ n_y with
           n_y = β K K^T ∇ log N(y; A x̂_0, A C_t A^H + Σ), the Jacobian of x̂_0 and C_t = Cov[x_0 | x_t] those of
           the Gaussian prior with power spectrum c (`_CovarianceStep`): the exact posterior whitened score for a
-          Gaussian prior, so λ = 1 is Bayes' rule (the default); never normalised;
+          Gaussian prior, so λ = 1 is Bayes' rule (the default);
       "ode" (Algorithm 1, probability flow): x ← (2 - sqrt(1 - β Δ)) x + n Δ / 2,
       "sde" (reverse SDE):                   x ← (2 - sqrt(1 - β Δ)) x + n Δ + sqrt(β Δ) K z,
     both Euler steps of dx = [-β x / 2 - c n] dt backwards in time (2 - sqrt(1 - βΔ) = 1 + βΔ/2 + O(Δ^2)),
@@ -208,118 +256,67 @@ def ws_sample(
           structured noise, x̂_0 Tweedie's estimate from n (data step included) and V the per-frequency
           Var[x_0 | x_t, y] of the covariance step's Gaussian (`_ancestral_step`): exact for a Gaussian prior at any
           number of steps.
-    Then a final Tweedie step x ← (x + s^2 n / β) / a at t0, if `tweedie`.
+    Then a final Tweedie step x ← (x + s^2 n / β) / a at t0.
 
     model: whitened score n(x, t), x (B, C, H, W), t (B,); process: its `WSProcess`; n: samples;
     event_shape: (C, H, W); likelihood: y (1, C', H', W') and A (None: unconditional);
-    method: "ode", "sde" or "ancestral" (above); default "ancestral" when `prior_spectrum` is given, else "ode";
-    time_grid: the times t_0 > ... > t_steps (`_time_grid`): "uniform" in t, "log_snr" (uniform in log(s / a), the
-        default for "ancestral") or "edm"; "ode" and "sde" need beta(t_i) (t_i - t_{i+1}) < 1 on it;
-    residual: "x", "tweedie" or "covariance" (above); default "covariance" when `prior_spectrum` is given, else "x";
+    lam: a number >= 0, a schedule lam(t: float) -> float, or "auto" / an `AutoLambda` (the discrepancy principle);
+    residual: the data step above; default "covariance" when `prior_spectrum` is given, else "x";
     prior_spectrum: (H, W) per-frequency variances of the prior's images (`power_spectrum` of training images),
-        for residual "covariance" only;
-    lam: a number >= 0, a schedule lam(t: float) -> float, or "auto" (`choose_lambda` over `auto_grid` with
-        `auto_steps` steps, default steps // 4 or the fewest allowed, and `auto_n` samples);
-    init: "structured" (x_T = K z, as trained) or "white" (x_T = z); x_init: (n, C, H, W) start instead;
-    generator: for z; dtype, device: of the samples. Raises FloatingPointError naming the step, t and λ.
+        for residual "covariance" and method "ancestral";
+    method: "ode", "sde" or "ancestral" (above); default "ancestral" when `prior_spectrum` is given, else "ode";
+    steps: grid steps; "ode" and "sde" need beta(t_i) (t_i - t_{i+1}) < 1 on the grid;
+    x_init: (n, C, H, W) start (default x_T = K z, as trained);
+    run: `Run` (t0; time_grid, default "log_snr" for "ancestral", else "uniform"; generator for z; dtype and
+        device of the samples; progress). Raises FloatingPointError naming the step, t and λ.
     Returns (n, C, H, W).
     """
-    if method is None:
-        method = "ode" if prior_spectrum is None else "ancestral"
-    if time_grid is None:
-        time_grid = "log_snr" if method == "ancestral" else "uniform"
-    ts = _check_sampler_options(process, n, event_shape, steps, t0, method, time_grid)
-    if residual is None:
-        residual = "x" if prior_spectrum is None else "covariance"
-    choice(residual, "residual", ("x", "tweedie", "covariance"))
-    if residual == "covariance" and normalize:
-        raise ValueError("normalize: the covariance data step is the likelihood score itself (λ = 1 is Bayes' rule) "
-                         "and is never normalised; leave normalize unset")
+    run = as_run(run)
+    method = method or ("ode" if prior_spectrum is None else "ancestral")
+    ts = _check_sampler_options(process, n, event_shape, steps, method, run)
+    residual = residual or ("x" if prior_spectrum is None else "covariance")
+    choice(residual, "residual", RESIDUALS)
     if prior_spectrum is None and (residual == "covariance" or method == "ancestral"):
         raise ValueError("prior_spectrum: residual='covariance' and method='ancestral' need it (see power_spectrum)")
-    if prior_spectrum is not None and residual in ("x", "tweedie") and method != "ancestral":
+    if prior_spectrum is not None and residual != "covariance" and method != "ancestral":
         raise ValueError(f"prior_spectrum: only residual='covariance' or method='ancestral' use it, got residual="
                          f"{residual!r} and method={method!r}")
-    normalize = residual != "covariance" if normalize is None else normalize
-    choice(init, "init", ("structured", "white"))
-    if isinstance(lam, str):
-        if lam != "auto":
-            raise ValueError(f"lam: expected a number, a callable or 'auto', got {lam!r}")
-        if likelihood is None:
-            raise ValueError("lam: 'auto' needs a likelihood")
-        pilot_steps = auto_steps or max(steps // 4, math.floor(process.vp.beta_max) + 1)
-        lam, _ = choose_lambda(model, process, likelihood, event_shape, grid=auto_grid, n=auto_n, steps=pilot_steps,
-                               t0=t0, normalize=normalize, residual=residual, prior_spectrum=prior_spectrum,
-                               method=method, init=init, generator=generator, dtype=dtype, device=device)
-    if not callable(lam):
-        number(lam, "lam", low=0.0, low_open=False)
-    schedule = lam if callable(lam) else (lambda t, value=float(lam): value)
-    if x_init is not None:
-        if not isinstance(x_init, Tensor) or tuple(x_init.shape) != (n, *event_shape):
-            raise ValueError(f"x_init: expected shape {(n, *event_shape)}, got {getattr(x_init, 'shape', x_init)}")
-        x = x_init.to(device=device, dtype=dtype)
-    else:
-        z = torch.randn((n, *event_shape), generator=generator, device=device, dtype=dtype)
-        x = process.apply_K(z) if init == "structured" else z
+
+    def choose(auto: AutoLambda) -> float:
+        pilot = auto.steps or max(steps // 4, math.floor(process.vp.beta_max) + 1)
+        return choose_lambda(model, process, likelihood, event_shape, grid=auto.grid, n=auto.n, steps=pilot,
+                             residual=residual, prior_spectrum=prior_spectrum, method=method, run=run)[0]
+
+    schedule = _lambda_schedule(lam, likelihood, choose)
+    if x_init is not None and (not isinstance(x_init, Tensor) or tuple(x_init.shape) != (n, *event_shape)):
+        raise ValueError(f"x_init: expected shape {(n, *event_shape)}, got {getattr(x_init, 'shape', x_init)}")
+    x = process.noise((n, *event_shape), generator=run.generator, device=run.device, dtype=run.dtype) \
+        if x_init is None else x_init.to(device=run.device, dtype=run.dtype)
     if likelihood is not None:
         likelihood.validate(tuple(event_shape))
     gaussian = None if prior_spectrum is None else _CovarianceStep(likelihood, process, prior_spectrum,
                                                                    tuple(event_shape))
-    covariance_step = gaussian if residual == "covariance" and likelihood is not None else None
-    guard = _Guard("ws_sample", x, steps, f"lam={lam if not callable(lam) else 'schedule'}")
-    for i in tqdm(range(steps), desc=f"ws_sample[{method}]", disable=not progress):
-        t = float(ts[i])
-        dt = float(ts[i] - ts[i + 1])
+    data = _data_term(likelihood, process, residual, gaussian)
+
+    def step(x: Tensor, i: int) -> Tensor:
+        t, dt = float(ts[i]), float(ts[i] - ts[i + 1])
         tb = torch.full((n,), t, dtype=x.dtype, device=x.device)
+        score = model(x, tb)
+        if data is not None:
+            score = data(x, tb, score, float(schedule(t)))
+        if method == "ancestral":
+            return _ancestral_step(process, x, tb, float(ts[i + 1]), score, gaussian.variance(tb), run.generator)
         beta = per_sample(process.beta(tb), x)
-        with torch.no_grad():
-            score = model(x, tb)
-            if likelihood is not None:
-                weight = float(schedule(t))
-                if covariance_step is not None:
-                    score = score + weight * covariance_step(x, tb, score)
-                else:
-                    target = process.tweedie(x, tb, score) if residual == "tweedie" else x
-                    d = likelihood.operator.A_adjoint(likelihood.residual(target))
-                    if normalize:
-                        ratio = _per_sample_norm(score) / _per_sample_norm(d).clamp_min(torch.finfo(x.dtype).tiny)
-                        score = score + weight * per_sample(ratio, x) * d
-                    else:
-                        score = score + weight * beta * d
-            if method == "ancestral":
-                x = _ancestral_step(process, x, tb, float(ts[i + 1]), score, gaussian.variance(tb), generator)
-            elif method == "ode":
-                x = (2 - torch.sqrt(1 - beta * dt)) * x + 0.5 * dt * score
-            else:
-                x = (2 - torch.sqrt(1 - beta * dt)) * x
-                z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-                x = x + dt * score + torch.sqrt(beta * dt) * process.apply_K(z)
-        guard(x, i, t)
-    if tweedie:
-        tb = torch.full((n,), t0, dtype=x.dtype, device=x.device)
-        with torch.no_grad():
-            x = process.tweedie(x, tb, model(x, tb))
-        guard(x, steps - 1, t0)
-    return x
+        if method == "ode":
+            return (2 - torch.sqrt(1 - beta * dt)) * x + 0.5 * dt * score
+        z = process.apply_K(run.noise(x))
+        return (2 - torch.sqrt(1 - beta * dt)) * x + dt * score + torch.sqrt(beta * dt) * z
 
-
-def _time_grid(process: WSProcess, steps: int, t0: float, kind: str) -> Tensor:
-    """Times T = t_0 > ... > t_steps = t0, (steps + 1,) float64: uniform in t, uniform in log(s / a) ("log_snr"), or
-    EDM's (Karras et al. 2022) sigma_i^(1/7) uniform, sigma = s / a ("edm")."""
-    choice(kind, "time_grid", ("uniform", "log_snr", "edm"))
-    if kind == "uniform":
-        return torch.linspace(process.T, t0, steps + 1, dtype=torch.float64)
-    tau = process.vp.log_noise_ratio(torch.tensor([process.T, t0], dtype=torch.float64))
-    u = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
-    if kind == "log_snr":
-        taus = tau[0] + u * (tau[1] - tau[0])
-    else:
-        rho = 7.0
-        ends = tau.exp() ** (1 / rho)
-        taus = torch.log((ends[0] + u * (ends[1] - ends[0])) ** rho)
-    times = process.vp.time_at_log_noise_ratio(taus)
-    times[0], times[-1] = process.T, t0
-    return times
+    weight = f"lam={lam if not callable(lam) else 'schedule'}"
+    x = integrate(step, x, ts[:-1], name="ws_sample", weight=weight, progress=run.progress, desc=f"ws_sample[{method}]")
+    t0 = torch.full((n,), run.t0, dtype=x.dtype, device=x.device)
+    return integrate(lambda x, i: process.tweedie(x, t0, model(x, t0)), x, ts[-1:], name="ws_sample", weight=weight,
+                     progress=False)
 
 
 def _ancestral_step(process: WSProcess, x: Tensor, t: Tensor, t_next: float, score: Tensor, variance: Tensor,
@@ -343,18 +340,18 @@ def _ancestral_step(process: WSProcess, x: Tensor, t: Tensor, t_next: float, sco
     return mean + fourier_filter(z, power.sqrt().expand(x.shape[1:]).reshape(1, *x.shape[1:]))
 
 
-def _check_sampler_options(process: WSProcess, n: int, event_shape: tuple, steps: int, t0: float,
-                           method: str, time_grid: str) -> Tensor:
+def _check_sampler_options(process: WSProcess, n: int, event_shape: tuple, steps: int, method: str, run: Run
+                           ) -> Tensor:
     """Check the options; return the time grid (steps + 1,) float64."""
-    sampler_options(n, steps, t0, process.T)
+    sampler_options(n, steps, run.t0, process.T)
     if len(event_shape) != 3 or tuple(event_shape[1:]) != process.size:
         raise ValueError(f"event_shape: expected (C, {process.size[0]}, {process.size[1]}), got {tuple(event_shape)}")
     choice(method, "method", ("ode", "sde", "ancestral"))
-    ts = _time_grid(process, steps, t0, time_grid)
+    ts = run.times(process.vp, steps, "log_snr" if method == "ancestral" else "uniform")
     largest = float((process.beta(ts[:-1]) * (ts[:-1] - ts[1:])).max())
     if method != "ancestral" and largest >= 1:
         raise ValueError(f"steps: the Euler steps of 'ode' and 'sde' need beta * dt < 1, got {largest:.3g} with {steps} "
-                         f"steps on the {time_grid!r} grid (more steps; 'ancestral' takes any number)")
+                         f"steps on the {run.time_grid or 'uniform'!r} grid (more steps; 'ancestral' takes any number)")
     return ts
 
 
@@ -368,25 +365,26 @@ def sweep_lambda(
     n: int = 2,
     truth: Tensor | None = None,
     data_range: float = 1.0,
-    generator: torch.Generator | None = None,
+    run: Run | None = None,
     **sample_options,
 ) -> list[dict]:
     """Run `ws_sample` for each λ in `lams`; per λ the mean data misfit and, given the truth, PSNR / SSIM.
 
-    Every λ starts from the same seed state of `generator` (common random numbers). sample_options: passed
-    to `ws_sample` (steps, method, normalize, residual, ...). truth: (1, C, H, W) image.
+    Every λ starts from the same seed state of the run's generator (common random numbers), without a progress
+    bar. sample_options: passed to `ws_sample` (steps, method, residual, ...). truth: (1, C, H, W) image.
     Returns [{"lam", "misfit": mean_i ||y - A x_i||^2, "noise_energy": E||b||^2, "psnr", "ssim"}], the
     metrics being means over the n samples (None without truth).
     """
     if truth is not None and (not isinstance(truth, Tensor) or tuple(truth.shape) != (1, *event_shape)):
         raise ValueError(f"truth: expected shape {(1, *event_shape)}, got {getattr(truth, 'shape', truth)}")
-    state = generator.get_state() if generator is not None else None
+    run = replace(as_run(run), progress=False)
+    state = run.generator.get_state() if run.generator is not None else None
     rows = []
     for lam in lams:
-        if generator is not None:
-            generator.set_state(state)
-        x = ws_sample(model, process, n, event_shape, likelihood=likelihood, lam=float(lam), generator=generator,
-                      progress=False, **sample_options)
+        if state is not None:
+            run.generator.set_state(state)
+        x = ws_sample(model, process, n, event_shape, likelihood=likelihood, lam=float(lam), run=run,
+                      **sample_options)
         misfit = float(likelihood.residual(x).abs().square().flatten(1).sum(1).mean())
         row = {"lam": float(lam), "misfit": misfit, "noise_energy": likelihood.noise_energy(), "psnr": None,
                "ssim": None}
@@ -415,8 +413,7 @@ def choose_lambda(
     ignores it. sample_options: passed to `sweep_lambda` / `ws_sample` (use few steps: it is a pilot run).
     Returns (λ, the sweep's rows).
     """
-    if not grid or any(not isinstance(v, Real) or not v >= 0 for v in grid):
-        raise ValueError(f"grid: expected a non-empty sequence of numbers >= 0, got {grid!r}")
+    _check_grid(grid)
     rows = sweep_lambda(model, process, likelihood, event_shape, grid, n=n, **sample_options)
     energy = likelihood.noise_energy()
     best = min(rows, key=lambda r: abs(math.log(max(r["misfit"], 1e-300) / energy)))
