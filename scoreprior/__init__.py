@@ -22,7 +22,9 @@ from scoreprior.posterior import DPI, FitConfig, FitDiverged
 from scoreprior.pretrained import available_priors, pretrained
 from scoreprior.priors import GaussianPrior, gaussian_posterior, reference_posterior
 from scoreprior.protocols import Likelihood, Prior
-from scoreprior.samplers import Run, dps, sample_prior, score_ald, sde_projection
+from scoreprior.samplers import (
+    LikelihoodStep, Run, daps, dps, pnp_dm, rho_schedule, sample_prior, score_ald, sde_projection,
+)
 from scoreprior.scores import GaussianMixtureScore, GaussianScore
 from scoreprior.sde import SDE, VESDE, SubVPSDE, VPSDE, sde_from_config
 from scoreprior.surrogate import SurrogatePrior
@@ -42,6 +44,6 @@ __all__ = [
     "UNet", "MLP", "build_net", "DPI", "FitConfig", "FitDiverged",
     "NoisePredictionScore", "GaussianResidualNet", "EMA", "TrainConfig", "TrainResult", "dsm_loss", "train_score_model",
     "save_checkpoint", "load_checkpoint", "load_prior", "pretrained", "available_priors",
-    "Run", "sample_prior", "dps", "score_ald", "sde_projection",
+    "Run", "sample_prior", "dps", "score_ald", "sde_projection", "pnp_dm", "rho_schedule", "daps", "LikelihoodStep",
     "WSProcess", "WhitenedScore", "Haze", "ws_loss", "ws_sample", "sweep_lambda", "load_ws_model", "power_spectrum",
 ]

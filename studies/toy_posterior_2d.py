@@ -8,7 +8,7 @@ ruled out and the posterior is bimodal along x_1 with unequal modes (about 62 % 
 
 True posterior: prior x likelihood on a 401 x 401 grid over [-3, 3] x [-2.5, 3.5], normalised there.
 Baselines, each swept over its weight on the same score: DPS (zeta), Score-ALD (lr), SDE + projection
-(lambda, snr 0.16). Comparison rows: DPI (RealNVP) with the exact ODE prior (`ScorePrior`, exact
+(lambda, snr 0.16); PnP-DM and DAPS at their defaults (no weight to sweep). Comparison rows: DPI (RealNVP) with the exact ODE prior (`ScorePrior`, exact
 divergence, adjoint) and, as a check of the flow itself, DPI with the closed-form mixture density.
 
 KL(true || estimate) from samples, a histogram estimator: 24 x 24 bins over the grid's domain; the true
@@ -41,7 +41,7 @@ from scoreprior.density import ScorePrior
 from scoreprior.likelihood import GaussianLikelihood
 from scoreprior.operators import Inpainting
 from scoreprior.posterior import DPI, FitConfig
-from scoreprior.samplers import Run, dps, score_ald, sde_projection
+from scoreprior.samplers import Run, daps, dps, pnp_dm, score_ald, sde_projection
 from scoreprior.scores import GaussianMixtureScore
 from scoreprior.sde import VPSDE
 
@@ -58,7 +58,9 @@ SWEEPS = {
     "score_ald": ("lr", (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)),
     "sde_projection": ("lam", (0.05, 0.1, 0.25, 0.5, 1.0)),
 }
-LABELS = {"dps": "DPS", "score_ald": "Score-ALD", "sde_projection": "SDE + projection",
+DEFAULTS = {"pnp_dm": pnp_dm, "daps": daps}
+LABELS = {"dps": "DPS", "score_ald": "Score-ALD", "sde_projection": "SDE + projection", "pnp_dm": "PnP-DM (defaults)",
+          "daps": "DAPS (defaults)",
           "dpi_exact": "DPI, exact ODE prior", "dpi_closed": "DPI, closed-form prior",
           "exact_samples": "exact samples (estimator floor)"}
 
@@ -224,7 +226,7 @@ def table(rows: list[dict], truth_right: float) -> str:
     lines = [f"True P(x1 > 0) = {truth_right:.3f}.", "",
              "| method | best weight | best KL(true‖est) | P(x1>0) at best | KL range over sweep |",
              "|---|---|---|---|---|"]
-    for name in (*SWEEPS, "dpi_exact", "dpi_closed", "exact_samples"):
+    for name in (*SWEEPS, *DEFAULTS, "dpi_exact", "dpi_closed", "exact_samples"):
         ok = [r for r in rows if r["method"] == name and r["kl"] is not None]
         if not ok:
             continue
@@ -264,6 +266,11 @@ def main(argv: list[str] | None = None) -> dict:
             row = record(rows, name, weight_name, w, x, p, boot, time.perf_counter() - start)
             if name not in best or row["kl"] < best[name][0]:
                 best[name] = (row["kl"], x)
+    for name, sampler in DEFAULTS.items():
+        start = time.perf_counter()
+        run = Run(t0=T0, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64, progress=False)
+        x = sampler(score, sde, likelihood, args.n, SHAPE, run=run).reshape(args.n, 2)
+        best[name] = (record(rows, name, None, None, x, p, boot, time.perf_counter() - start)["kl"], x)
     kwargs = dict(divergence="exact", adjoint=True, rtol=1e-4, atol=1e-4)
     x_dpi, dpi_row = None, {"kl": None}
     if not args.no_dpi:
@@ -288,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
         "quick": args.quick, "seed": args.seed, "n": args.n, "steps": args.steps, "dpi_steps": args.dpi_steps,
         "dpi_prior_kwargs": kwargs, "rows": rows, "best_kl": best_kl, "dpi_exact_kl": dpi_row["kl"],
         "dpi_beats_every_baseline_at_every_weight": None if dpi_row["kl"] is None else all(
-            r["kl"] is None or r["kl"] > dpi_row["kl"] for r in rows if r["method"] in SWEEPS),
+            r["kl"] is None or r["kl"] > dpi_row["kl"] for r in rows if r["method"] in (*SWEEPS, *DEFAULTS)),
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} threads",
     }

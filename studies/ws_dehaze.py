@@ -54,6 +54,7 @@ from scoreprior.metrics import psnr, ssim
 from scoreprior.nets import UNet
 from scoreprior.operators import GaussianBlur
 from scoreprior.samplers import Run, dps
+from scoreprior.samplers.engine import CountedScore
 from scoreprior.sde import VPSDE
 from scoreprior.noise_prediction import NoisePredictionScore
 from scoreprior.training import TrainConfig, train_score_model
@@ -94,30 +95,19 @@ def train(process, data_: torch.Tensor, s: dict, seed: int, checkpoint: Path, lo
     return net, {"first_loss": first, "final_loss": result.final_loss, "wall_s": result.wall_time}
 
 
-class Counted:
-    """A model (x, t) -> tensor that counts its calls: the network evaluations a sampler made."""
-
-    def __init__(self, model):
-        self.model, self.calls = model, 0
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self.model(x, t)
-
-
 def reconstruct(method: str, models: dict, lik, seed: int, s: dict, lam: float = 1.0) -> tuple[torch.Tensor, int]:
     """`s["draws"]` posterior draws (draws, 1, SIZE, SIZE) for the measurement in `lik`, clipped to [0, 1], and the
     network evaluations they took (counted, pilot runs of lam="auto" included)."""
     run = Run(generator=torch.Generator().manual_seed(seed), progress=False)
     shape = (1, SIZE, SIZE)
     if method == "vp_dps":
-        score = Counted(models["vp_score"])
+        score = CountedScore(models["vp_score"])
         x = dps(score, VPSDE(), lik, s["draws"], shape, steps=s["dps_steps"], run=run)
         return x.clamp(0, 1), score.calls
     steps = {"ws_fast": s["fast_steps"], "ws_fast_uniform": s["fast_steps"], "ws_long": s["long_steps"]}.get(
         method, s["steps"])
     model, process = models["vp_as_ws"] if method == "vp" else models["ws"]
-    model = Counted(model)
+    model = CountedScore(model)
     if method == "ws_auto":
         lam = AutoLambda(grid=(1.0, *s["lam_grid"]), n=s["draws"])
     if method == "ws_fast_uniform":

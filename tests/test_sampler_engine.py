@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from scoreprior.samplers.engine import Guard, Run, integrate, time_grid, tweedie
+from scoreprior.samplers import sample_prior
+from scoreprior.samplers.engine import CountedScore, Guard, Run, integrate, time_grid, tweedie
 from scoreprior.sde import VESDE, VPSDE
 
 
@@ -85,3 +86,10 @@ def test_tweedie_is_the_posterior_mean_of_a_gaussian():
     score = -(x - a[:, None] * m) / var
     expected = m + a[:, None] * v * (x - a[:, None] * m) / var
     assert torch.allclose(tweedie(sde, x, t, score), expected, rtol=1e-12)
+
+
+def test_counted_score_counts_one_call_per_step():
+    """CountedScore passes calls through unchanged and counts them: sample_prior makes one batched call per step."""
+    score = CountedScore(lambda x, t: -x)
+    x = sample_prior(score, VPSDE(), 5, (2,), steps=7, run=Run(progress=False))
+    assert score.calls == 7 and x.shape == (5, 2) and torch.equal(score(x, torch.zeros(5)), -x)

@@ -46,11 +46,12 @@ def test_calibration_quick(tmp_path):
 
 @pytest.mark.slow
 def test_toy_posterior_2d_quick(tmp_path):
-    """About a minute: every baseline swept, the DPI rows, and the estimator floor below every method."""
+    """About a minute: every baseline swept, PnP-DM and DAPS, the DPI rows, and the estimator floor below every
+    method."""
     metrics = run_study("toy_posterior_2d", tmp_path)
     rows = metrics["rows"]
-    assert {r["method"] for r in rows} == {"exact_samples", "dps", "score_ald", "sde_projection", "dpi_exact",
-                                           "dpi_closed"}
+    assert {r["method"] for r in rows} == {"exact_samples", "dps", "score_ald", "sde_projection", "pnp_dm", "daps",
+                                           "dpi_exact", "dpi_closed"}
     floor = next(r["kl"] for r in rows if r["method"] == "exact_samples")
     # exact draws from the gridded posterior: the histogram KL is only the estimator's finite-n bias
     assert 0 < floor < 0.3
@@ -89,6 +90,26 @@ def test_ws_dehaze_quick(tmp_path):
             assert task["ws_fast"]["evaluations"] < task["ws"]["evaluations"] < task["ws_long"]["evaluations"]
     assert {p.name for p in tmp_path.glob("*.pt")} == {"ws.pt", "vp.pt"}
     assert (tmp_path / "ws_dehaze.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_sampler_calibration_quick(tmp_path):
+    """A few minutes: every method on every Gaussian problem and every sampler on the black holes (a smoke test, not a
+    result); the exact posterior's own draws sit at the Monte Carlo floor, so the metrics are right."""
+    metrics = run_study("sampler_calibration", tmp_path)
+    gaussian, blackhole = metrics["gaussian"], metrics["blackhole"]
+    problems = ("denoise", "blur", "fourier", "eht")
+    assert set(gaussian) == {f"{p}/{m}" for p in problems for m in
+                             ("exact", "dpi_exact", "dpi_surrogate", "dps", "score_ald", "projection", "pnp_dm", "daps",
+                              "ws")}
+    for problem in problems:  # 64 exact draws: mean error ~ 1/8 of a posterior std, std ratio ~ 1 +- 0.09
+        exact = gaussian[f"{problem}/exact"]
+        assert exact["mean_error_stds"] < 0.25 and abs(exact["std_ratio"] - 1) < 0.2 and exact["coverage90"] > 0.75
+    assert "circulant" in gaussian["fourier/ws"]["skipped"] and "skipped" not in gaussian["blur/ws"]
+    assert {m for m, r in blackhole.items() if "skipped" not in r} == {"dps", "projection", "pnp_dm", "daps"}
+    assert all(r["nominal_range_coverage"] == 1 / 3 and 0 <= r["range_coverage"] <= 1 and r["truths"] == 2
+               for r in blackhole.values() if "skipped" not in r)
+    assert (tmp_path / "figure.png").stat().st_size > 10_000 and (tmp_path / "table.md").exists()
 
 
 @pytest.mark.slow

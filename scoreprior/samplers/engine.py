@@ -21,7 +21,7 @@ from scoreprior.likelihood import GaussianLikelihood
 from scoreprior.protocols import Likelihood
 from scoreprior.sde import SDE, per_sample
 
-__all__ = ["Run", "as_run", "Guard", "time_grid", "integrate", "euler_step", "tweedie", "check_likelihood",
+__all__ = ["Run", "as_run", "CountedScore", "Guard", "time_grid", "integrate", "euler_step", "tweedie", "check_likelihood",
            "conjugate_gradients", "TIME_GRIDS"]
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
@@ -131,6 +131,18 @@ def conjugate_gradients(apply: Callable[[Tensor], Tensor], rhs: Tensor, x: Tenso
         p = res + per_sample(rr_new / rr.clamp_min(tiny), p) * p
         rr = torch.where(active, rr_new, rr)
     return u
+
+
+class CountedScore:
+    """A score model that counts its calls: the network evaluations a sampler makes (one call evaluates a whole
+    batch, so `calls` is the evaluations per sample). score: any `score(x, t)`; calls the wrapped model unchanged."""
+
+    def __init__(self, score: ScoreFn) -> None:
+        self.score, self.calls = score, 0
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        self.calls += 1
+        return self.score(x, t)
 
 
 class Guard:
