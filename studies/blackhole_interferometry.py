@@ -197,7 +197,8 @@ def station_study(args: argparse.Namespace, priors: dict) -> tuple[dict, dict]:
         grid_truth = grid_truth * (float(truth.sum()) * scale / float(grid_truth.sum()))
         true_diameter[name] = 2 * float(ring_radius(grid_truth, fov_uas=BLACKHOLE_FOV_UAS)[0])
         prior_draws = sample_prior(prior.score, prior.sde, 3, tuple(prior.event_shape), steps=args.prior_steps,
-                                   run=Run(t0=T0, generator=torch.Generator().manual_seed(args.seed), progress=False))
+                                   run=Run(time_grid="uniform", t0=T0,
+                                           generator=torch.Generator().manual_seed(args.seed), progress=False))
         entry = {"npix": npix, "units_flux": units, "truth_ring_diameter_uas": true_diameter[name],
                  "truth_position_angle_deg": float(position_angle_deg(grid_truth)[0]), "fits": {}}
         shown = {}

@@ -104,7 +104,7 @@ def sample_checks(name: str, prior: ScorePrior, test: torch.Tensor, n: int, seed
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         samples = sample_prior(prior.score, prior.sde, n, tuple(prior.event_shape), steps=300,
-                               run=Run(t0=SAMPLE_T0, generator=gen, progress=False))
+                               run=Run(time_grid="uniform", t0=SAMPLE_T0, generator=gen, progress=False))
     out = {"n_samples": n, "sampler": f"Euler-Maruyama, 300 steps, t0 {SAMPLE_T0}", "min_pixel": float(samples.min()),
            "max_pixel": float(samples.max())}
     if name.startswith("blackhole"):

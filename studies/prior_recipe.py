@@ -94,7 +94,7 @@ def blackhole_scores(net: torch.nn.Module, sde: VPSDE, test: torch.Tensor, n_sam
     with torch.no_grad():
         bound = torch.cat([elbo.log_prob(x, generator=gen) for x in test.split(64)])
         samples = sample_prior(score, sde, n_samples, tuple(test.shape[1:]), steps=300,
-                               run=Run(t0=T0, generator=gen, progress=False))
+                               run=Run(time_grid="uniform", t0=T0, generator=gen, progress=False))
     d = test[0].numel()
     checks, _, _ = ring_checks(samples, n_reference, gen)
     return {"elbo_bits_per_dim": float(bound.mean() / (d * math.log(2))),

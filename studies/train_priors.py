@@ -224,7 +224,8 @@ def check_blackhole(path: Path, data: torch.Tensor, args: argparse.Namespace) ->
     prior = load_pretrained(path, t0=CHECK_T0)
     n, steps = (8, 20) if args.quick else (128, 300)
     samples = sample_prior(prior.score, prior.sde, n, tuple(prior.event_shape), steps=steps,
-                           run=Run(t0=CHECK_T0, generator=torch.Generator().manual_seed(args.seed + 3), progress=False))
+                           run=Run(time_grid="uniform", t0=CHECK_T0, generator=torch.Generator().manual_seed(args.seed + 3),
+                                   progress=False))
     reference = data[:1000]
 
     def stats(x: torch.Tensor) -> dict:

@@ -17,7 +17,7 @@ from scoreprior import GaussianLikelihood, GaussianPrior, GaussianScore, VESDE, 
 from scoreprior.samplers import LikelihoodStep, Run, daps, pnp_dm, rho_schedule
 from scoreprior.samplers.daps import ode_estimate
 from scoreprior.samplers.engine import tweedie
-from scoreprior.samplers.langevin import data_step
+from scoreprior.samplers.langevin import DataStep
 from scoreprior.samplers.pnp_dm import sample_denoising_posterior
 
 SHAPE = (1, 2, 3)
@@ -67,21 +67,39 @@ def _errors(name, x, mean, cov):
 # --- the likelihood step ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("solver", ["cg", "dense"])
 @pytest.mark.parametrize("kind", ["identity", "blur", "inpainting", "fourier_subsample", "fourier_mask"])
-def test_exact_likelihood_step_is_the_dense_gaussian(kind):
-    """z ~ p(y | z) N(z; c, r^2 I) by perturb-and-MAP + CG has the mean and covariance of the dense Gaussian algebra
-    (`gaussian_posterior` with prior N(c, r^2 I)), for real and complex (factor 2) operators. 20000 draws."""
+def test_exact_likelihood_step_is_the_dense_gaussian(kind, solver):
+    """z ~ p(y | z) N(z; c, r^2 I) by perturb-and-MAP (CG or the eigendecomposition) has the mean and covariance of
+    the dense Gaussian algebra (`gaussian_posterior` with prior N(c, r^2 I)), for real and complex (factor 2)
+    operators. 20000 draws."""
     _, lik, _, _ = _problem(kind)
     r, n = 0.3, 20000
     c = torch.linspace(1.0, -0.4, D, dtype=torch.float64).reshape(SHAPE)
     mean, cov = gaussian_posterior(GaussianPrior(c, r**2 * torch.eye(D, dtype=torch.float64)), lik)
-    z = data_step(lik, c.expand(n, *SHAPE), r, LikelihoodStep(method="exact"), _f64(0), "exact")
+    centres = c.expand(n, *SHAPE)
+    z = DataStep(lik, LikelihoodStep(method="exact", solver=solver), "test", centres).draw(centres, r, _f64(0))
     zf = z.reshape(n, -1)
     se = (cov.diagonal() / n).sqrt()
     assert ((zf.mean(0) - mean.reshape(-1)) / se).abs().max() < 4.5
     # sample covariance: entries have standard error ~ sqrt(2 / n) of the variances' scale
     scale = cov.diagonal().max().item()
     torch.testing.assert_close(torch.cov(zf.T), cov, atol=6 * math.sqrt(2 / n) * scale, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["blur", "fourier_mask"])
+def test_dense_and_cg_solvers_give_the_same_draws(kind):
+    """The same generator, so the same perturbations: the eigendecomposition and CG (run to rtol 1e-12) solve the
+    same system, at a sharp and a loose coupling r, and agree to rounding; the dense solver is chosen by "auto"
+    for these 6-pixel images and never for Langevin."""
+    _, lik, _, _ = _problem(kind)
+    c = torch.linspace(1.0, -0.4, D, dtype=torch.float64).reshape(SHAPE).expand(8, *SHAPE)
+    for r in (0.01, 3.0):
+        dense = DataStep(lik, LikelihoodStep(method="exact"), "test", c)
+        cg = DataStep(lik, LikelihoodStep(method="exact", solver="cg", cg_rtol=1e-12), "test", c)
+        assert dense.eigen is not None and cg.eigen is None
+        torch.testing.assert_close(dense.draw(c, r, _f64(2)), cg.draw(c, r, _f64(2)), rtol=1e-8, atol=1e-10)
+    assert DataStep(lik, LikelihoodStep(method="langevin", solver="dense"), "test", c).eigen is None
 
 
 def test_langevin_likelihood_step_is_stable_and_close_to_the_dense_gaussian():
@@ -94,7 +112,8 @@ def test_langevin_likelihood_step_is_stable_and_close_to_the_dense_gaussian():
         c = torch.linspace(1.0, -0.4, D, dtype=torch.float64).reshape(SHAPE)
         mean, cov = gaussian_posterior(GaussianPrior(c, r**2 * torch.eye(D, dtype=torch.float64)), lik)
         step = LikelihoodStep(method="langevin", langevin_steps=200, lr=1.0)
-        z = data_step(lik, c.expand(n, *SHAPE), r, step, _f64(1), "langevin")
+        centres = c.expand(n, *SHAPE)
+        z = DataStep(lik, step, "test", centres).draw(centres, r, _f64(1))
         err, ratio = _errors(f"langevin step [{kind}]", z, mean.reshape(-1), cov)
         assert err < 0.1 and bool(((ratio > 0.97) & (ratio < 1.07)).all())
 
@@ -341,7 +360,8 @@ def test_bad_arguments_name_the_argument():
             sampler(score, VP, lik, 0, SHAPE)
         with pytest.raises(ValueError, match=r"event_shape \(1, 3, 2\) does not match the likelihood"):
             sampler(score, VP, lik, 4, (1, 3, 2))
-    for kwargs, error, match in [({"method": "mala"}, ValueError, "method"), ({"lr": 0.0}, ValueError, "lr"),
+    for kwargs, error, match in [({"method": "mala"}, ValueError, "method"), ({"solver": "lu"}, ValueError, "solver"),
+                                 ({"lr": 0.0}, ValueError, "lr"),
                                  ({"cg_iters": 0}, ValueError, "cg_iters"), ({"cg_rtol": -1.0}, ValueError, "cg_rtol"),
                                  ({"langevin_steps": True}, TypeError, "langevin_steps")]:
         with pytest.raises(error, match=match):

@@ -22,9 +22,9 @@ SDE_ = VPSDE()
 QUIET = Run(progress=False)
 
 
-def _f64(seed):
-    """A quiet float64 run whose generator is seeded with `seed`."""
-    return Run(generator=torch.Generator().manual_seed(seed), dtype=torch.float64, progress=False)
+def _f64(seed, grid=None):
+    """A quiet float64 run whose generator is seeded with `seed`, on the time grid `grid` (None: the sampler's)."""
+    return Run(time_grid=grid, generator=torch.Generator().manual_seed(seed), dtype=torch.float64, progress=False)
 
 
 def _problem():
@@ -83,8 +83,8 @@ def test_score_ald_denoising_mean():
 
 def test_dps_zero_weight_is_sample_prior():
     score, lik, _, _ = _denoising_problem()
-    a = dps(score, SDE_, lik, 50, SHAPE, zeta=0.0, steps=20, run=_f64(3))
-    b = sample_prior(score, SDE_, 50, SHAPE, steps=20, run=_f64(3))
+    a = dps(score, SDE_, lik, 50, SHAPE, zeta=0.0, steps=20, run=_f64(3, "uniform"))
+    b = sample_prior(score, SDE_, 50, SHAPE, steps=20, run=_f64(3, "uniform"))
     torch.testing.assert_close(a, b)
 
 
@@ -162,8 +162,8 @@ def test_best_weight_posterior_mean(name, weights, max_se, max_post_std):
 
 def test_sde_projection_zero_weight_is_sample_prior():
     score, lik, _, _ = _denoising_problem()
-    a = sde_projection(score, SDE_, lik, 50, SHAPE, lam=0.0, snr=0.0, steps=20, run=_f64(3))
-    b = sample_prior(score, SDE_, 50, SHAPE, steps=20, run=_f64(3))
+    a = sde_projection(score, SDE_, lik, 50, SHAPE, lam=0.0, snr=0.0, steps=20, run=_f64(3, "log_snr"))
+    b = sample_prior(score, SDE_, 50, SHAPE, steps=20, run=_f64(3, "log_snr"))
     torch.testing.assert_close(a, b)
 
 

@@ -12,7 +12,8 @@ engine's (`scoreprior.samplers.engine`); each sampler is a step and a data term:
   noise level ρ (`rho_schedule`), for any `Likelihood`;
 - `daps` (daps.py): DAPS, per noise level an ODE estimate of x_0, a data step around it, re-noising; any `Likelihood`;
 - their shared data step z ∝ p(y | z) N(z; c, r^2 I) (langevin.py, options `LikelihoodStep`): exact for a
-  `GaussianLikelihood`, unadjusted Langevin otherwise.
+  `GaussianLikelihood` (dense eigendecomposition up to 2048 pixels, conjugate gradients above), unadjusted
+  Langevin otherwise; `DataStep` is it resolved for one likelihood.
 Every sampler checks the state after each step and raises FloatingPointError naming the step, the
 time and the guidance weight when it stops being finite or diverges (`engine.Guard`).
 """

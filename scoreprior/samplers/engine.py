@@ -34,7 +34,8 @@ class Run:
 
     t0: the time the run ends at, 0 < t0 < T (each sampler says whether it takes a final denoising step);
     time_grid: the times T = t_0 > ... > t_steps = t0 (`time_grid`): "uniform" in t, "log_snr" (uniform in
-        log(s / a)) or "edm"; None: the sampler's own default ("uniform", except `ws_sample`'s ancestral sampler);
+        log(s / a)) or "edm"; None: the sampler's own default ("uniform", except `sample_prior`: "log_snr", and `ws_sample`'s
+        ancestral sampler);
     generator: draws the initial state and every noise (None: the global RNG);
     dtype, device: of the samples; progress: show a tqdm bar.
     Example: `dps(score, sde, likelihood, 16, (1, 32, 32), run=Run(generator=g, progress=False))`.

@@ -9,14 +9,16 @@ the likelihood times an isotropic Gaussian around a centre c (PnP-DM: c = x, r =
   b' ~ the noise model, ε ~ N(0, I), κ = 1 for real y and 2 for complex y (`GaussianLikelihood.grad_log_prob`:
   each part of CN(0, Σ) noise has covariance Σ / 2; A^H stands for `A_adjoint`, Re(A^H ·)). The right-hand side
   has mean κ A^H Σ^{-1} y + c / r^2 and covariance P, so z ~ N(P^{-1}(κ A^H Σ^{-1} y + c / r^2), P^{-1}), which is
-  π exactly. P z = rhs is solved by batched conjugate gradients (`conjugate_gradients`) started at c.
+  π exactly. P z = rhs is solved through the eigendecomposition of κ A^H Σ^{-1} A, formed once per sampler run from
+  A applied to the pixel basis (exact up to rounding, O(d^2) per draw; for images of at most `DENSE_PIXELS`
+  pixels), or by batched conjugate gradients (`conjugate_gradients`) started at c.
 - For any other `Likelihood` (closures): unadjusted Langevin from z = c,
       z ← z + γ [∇ log p(y | z) − (z − c) / r^2] + sqrt(2 γ) ξ,   γ = min(lr, r^2 / 10),
   the gradient by autograd through `log_prob`. The rule for γ: the coupling term has curvature 1 / r^2, so
   γ ≤ r^2 / 10 keeps its contraction 1 − γ / r^2 ≥ 0.9 at every r (stable, and its share of the O(γ) variance
   bias of unadjusted Langevin ≤ 5 %); lr caps γ against the likelihood's own curvature L (stable for
   γ < 2 / (L + 1 / r^2)).
-`LikelihoodStep` holds the options of both.
+`LikelihoodStep` holds the options of both; `DataStep` is the step resolved for one likelihood.
 """
 
 from __future__ import annotations
@@ -32,18 +34,26 @@ from scoreprior.likelihood import GaussianLikelihood
 from scoreprior.protocols import Likelihood
 from scoreprior.samplers.engine import Run, conjugate_gradients
 
-__all__ = ["LikelihoodStep", "as_likelihood_step", "data_step", "LANGEVIN_FRACTION"]
+__all__ = ["LikelihoodStep", "as_likelihood_step", "DataStep", "LANGEVIN_FRACTION", "DENSE_PIXELS"]
 
 LANGEVIN_FRACTION = 0.1
 """The Langevin step γ is at most this fraction of r^2 (see the module docstring)."""
+
+DENSE_PIXELS = 2048
+"""solver="auto" solves the exact step densely up to this many pixels, by conjugate gradients above. The d × d
+eigendecomposition is made once per sampler call (float64 eigh on one CPU core: 0.4 s at d = 1024, 3.3 s at 2048;
+memory 8 d^2 bytes while it runs, 4 d^2 kept in float32). On the 32 × 32 black holes (837 visibilities) it made
+PnP-DM's likelihood step 100 times faster than CG (0.003 s against 0.35 s per iteration at ρ = 0.02)."""
 
 
 @dataclass(frozen=True)
 class LikelihoodStep:
     """How the data step draws z ∝ p(y | z) N(z; c, r^2 I): the options of PnP-DM's and DAPS's likelihood step.
 
-    method: "exact" (a `GaussianLikelihood` only: perturb-and-MAP by conjugate gradients), "langevin"
-        (any `Likelihood`) or "auto" (exact for a `GaussianLikelihood`, else Langevin);
+    method: "exact" (a `GaussianLikelihood` only: perturb-and-MAP), "langevin" (any `Likelihood`) or "auto"
+        (exact for a `GaussianLikelihood`, else Langevin);
+    solver: how the exact step solves its linear system: "dense" (eigendecomposition, exact), "cg" (conjugate
+        gradients) or "auto" (dense for images of at most `DENSE_PIXELS` pixels, else CG);
     cg_iters: at most this many CG iterations per draw (each one A and one A^H); cg_rtol: CG stops for a chain
         once its residual is below cg_rtol times that of the start (measured on the tests' operators, float32 and
         float64: 2–8 iterations, masks and DFT subsampling 2–3 whatever ρ);
@@ -53,6 +63,7 @@ class LikelihoodStep:
     """
 
     method: str = "auto"
+    solver: str = "auto"
     cg_iters: int = 500
     cg_rtol: float = 1e-6
     langevin_steps: int = 100
@@ -60,6 +71,7 @@ class LikelihoodStep:
 
     def __post_init__(self) -> None:
         choice(self.method, "method", ("auto", "exact", "langevin"))
+        choice(self.solver, "solver", ("auto", "dense", "cg"))
         positive_int(self.cg_iters, "cg_iters")
         positive_float(self.cg_rtol, "cg_rtol")
         positive_int(self.langevin_steps, "langevin_steps")
@@ -75,12 +87,6 @@ class LikelihoodStep:
             return "exact" if gaussian else "langevin"
         return self.method
 
-    def describe(self, method: str) -> str:
-        """The options in force for `method`, as text for the guard's messages."""
-        if method == "exact":
-            return "exact likelihood step"
-        return f"Langevin likelihood step (steps={self.langevin_steps}, lr={self.lr})"
-
 
 def as_likelihood_step(step: object) -> LikelihoodStep:
     """step, or the default `LikelihoodStep()` for None; TypeError for anything else."""
@@ -92,13 +98,34 @@ def as_likelihood_step(step: object) -> LikelihoodStep:
     return step
 
 
-def _exact_draw(likelihood: GaussianLikelihood, c: Tensor, r: float, step: LikelihoodStep, run: Run) -> Tensor:
-    """Perturb-and-MAP draw of z ∝ p(y | z) N(z; c, r^2 I) (module docstring). c: (B, *event_shape)."""
+def _precision_eigen(likelihood: GaussianLikelihood, like: Tensor) -> tuple[Tensor, Tensor]:
+    """(λ, V): the eigendecomposition κ A^H Σ^{-1} A = V diag(λ) V^T over the pixels of `like`'s images,
+    (d,) and (d, d) in like's dtype and device, from A applied to the pixel basis in chunks of 256 images."""
+    operator, noise = likelihood.operator, likelihood.noise
+    kappa = 2.0 if operator.is_complex else 1.0
+    shape = like.shape[1:]
+    d = math.prod(shape)
+    basis = torch.eye(d, dtype=like.dtype, device=like.device).reshape(d, *shape)
+    columns = [kappa * operator.A_adjoint(noise.solve(operator.A(chunk))).reshape(len(chunk), d)
+               for chunk in basis.split(256)]
+    h = torch.cat(columns).double()
+    lam, vec = torch.linalg.eigh((h + h.T) / 2)
+    return lam.clamp_min(0).to(like.dtype), vec.to(like.dtype)
+
+
+def _exact_draw(likelihood: GaussianLikelihood, c: Tensor, r: float, step: LikelihoodStep, run: Run,
+                eigen: tuple[Tensor, Tensor] | None) -> Tensor:
+    """Perturb-and-MAP draw of z ∝ p(y | z) N(z; c, r^2 I) (module docstring), through `eigen`
+    (`_precision_eigen`) or, for None, by CG. c: (B, *event_shape)."""
     operator, noise = likelihood.operator, likelihood.noise
     kappa = 2.0 if operator.is_complex else 1.0
     b = likelihood.sample(torch.zeros_like(c), generator=run.generator)  # A 0 + b' = b' ~ the noise model
     y = likelihood.y.to(device=b.device, dtype=b.dtype)
     rhs = kappa * operator.A_adjoint(noise.solve(y + b)) + (c + r * run.noise(c)) / r**2
+
+    if eigen is not None:
+        lam, vec = eigen
+        return (((rhs.flatten(1) @ vec) / (lam + 1 / r**2)) @ vec.T).reshape(c.shape)
 
     def apply(v: Tensor) -> Tensor:
         return kappa * operator.A_adjoint(noise.solve(operator.A(v))) + v / r**2
@@ -118,12 +145,29 @@ def _langevin_draw(likelihood: Likelihood, c: Tensor, r: float, step: Likelihood
     return z
 
 
-def data_step(likelihood: Likelihood, c: Tensor, r: float, step: LikelihoodStep, run: Run, method: str) -> Tensor:
-    """A draw z ∝ p(y | z) N(z; c, r^2 I) per chain, by `method` ("exact" or "langevin", `LikelihoodStep.resolve`).
+class DataStep:
+    """The data step z ∝ p(y | z) N(z; c, r^2 I) resolved for one likelihood and image shape: `LikelihoodStep`'s
+    method and solver chosen once (with the dense solver's eigendecomposition), then `draw(c, r, run)` per call.
 
-    c: (B, *event_shape) centres, in the units of x; r: the coupling std > 0, same units; step: the options;
-    run: its generator draws every noise. Returns (B, *event_shape), detached.
+    likelihood: the sampler's likelihood; options: a `LikelihoodStep`; sampler: its name, for messages;
+    like: a (B, *event_shape) tensor of the chains' dtype and device.
     """
-    if method == "exact":
-        return _exact_draw(likelihood, c, r, step, run)
-    return _langevin_draw(likelihood, c, r, step, run).detach()
+
+    def __init__(self, likelihood: Likelihood, options: LikelihoodStep, sampler: str, like: Tensor) -> None:
+        self.likelihood, self.options = likelihood, options
+        self.method = options.resolve(likelihood, sampler)
+        dense = options.solver == "dense" or (options.solver == "auto" and like[0].numel() <= DENSE_PIXELS)
+        self.eigen = _precision_eigen(likelihood, like) if self.method == "exact" and dense else None
+
+    def draw(self, c: Tensor, r: float, run: Run) -> Tensor:
+        """One draw per chain. c: (B, *event_shape) centres, in the units of x; r: the coupling std > 0, same units;
+        run: its generator draws every noise. Returns (B, *event_shape), detached."""
+        if self.method == "exact":
+            return _exact_draw(self.likelihood, c, r, self.options, run, self.eigen)
+        return _langevin_draw(self.likelihood, c, r, self.options, run).detach()
+
+    def describe(self) -> str:
+        """The options in force, as text for the guard's messages."""
+        if self.method == "exact":
+            return f"exact likelihood step ({'dense' if self.eigen is not None else 'CG'})"
+        return f"Langevin likelihood step (steps={self.options.langevin_steps}, lr={self.options.lr})"

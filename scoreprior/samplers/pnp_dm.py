@@ -13,7 +13,10 @@ coupling ρ exact). ρ is annealed from large to small (`rho_schedule`). At a fi
 the posterior under the likelihood convolved with N(0, ρ^2 I) (for y = A x + b: noise covariance Σ + ρ^2 A A^H),
 so the draws are biased at ρ > 0 (wider) and exact only as ρ → 0, where the chain mixes slowly (the annealing's
 purpose). Tested against exact Gaussian posteriors in tests/test_pnp_dm_daps.py (ρ_min = 0.02 and σ_y = 0.1:
-stds 1-5 % wide; a likelihood as sharp as ρ_min needs a lower floor).
+stds 1-5 % wide; a likelihood as sharp as ρ_min needs a lower floor). With the shipped blackhole-32 prior on EHT
+2017 data (studies/sampler_calibration.py, 50 truths drawn from the prior, 4 draws each) the truth lies within the
+draws' range for 47 % ± 3 % of the ring's pixels against 60 % if calibrated (53 % with 400 iterations on 10 truths),
+and for 76 % of the background's: check the spread before reading it as an error bar.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from scoreprior._checks import number, positive_float, positive_int, sampler_options
+from scoreprior._checks import number, positive_float, positive_int
 from scoreprior.protocols import Likelihood
 from scoreprior.samplers.engine import Run, ScoreFn, as_run, check_likelihood, euler_step, integrate, time_grid
-from scoreprior.samplers.langevin import LikelihoodStep, as_likelihood_step, data_step
+from scoreprior.samplers.langevin import DataStep, LikelihoodStep, as_likelihood_step
 from scoreprior.sde import SDE
 
 __all__ = ["pnp_dm", "rho_schedule", "sample_denoising_posterior", "PRIOR_GRID"]
@@ -157,25 +160,25 @@ def pnp_dm(
     run: `Run` (t0: where each prior step ends; time_grid: the prior step's grid from t* to t0, default
         `PRIOR_GRID` = "uniform"; generator: x's start and every noise; dtype, device, progress).
     Cost per sample: K · prior_steps network evaluations; plus K · langevin_steps likelihood gradients with
-    Langevin, or per iteration up to cg_iters CG iterations (one A and one A^H each) with the exact step.
+    Langevin; with the exact step one O(d^2) solve per iteration (dense solver, after d applications of A and A^H
+    once) or up to cg_iters CG iterations (one A and one A^H each).
     Returns (n, *event_shape) approximate posterior samples of x (under the prior p_σ0, the law of x_t0 / a(t0)).
     """
     run = as_run(run)
-    number(run.t0, "t0", low=0.0, high=sde.T, high_open=True)
+    positive_int(n, "n")
+    number(run.t0, "t0", low=0.0, high=sde.T, high_open=True)  # before rho, whose range depends on it
     rhos = _rho_values(rho, sde, run.t0)
-    sampler_options(n, len(rhos), run.t0, sde.T, steps_name="rho")
     check_likelihood(likelihood, event_shape)
     positive_int(prior_steps, "prior_steps")
-    options = as_likelihood_step(likelihood_step)
-    method = options.resolve(likelihood, "pnp_dm")
     starts = _start_time(sde, rhos, run.t0)
     x = run.initial(sde, (n, *event_shape))
+    data = DataStep(likelihood, as_likelihood_step(likelihood_step), "pnp_dm", x)
 
     def step(x: Tensor, i: int) -> Tensor:
-        z = data_step(likelihood, x, float(rhos[i]), options, run, method)
+        z = data.draw(x, float(rhos[i]), run)
         return _denoise(score, sde, z, float(starts[i]), prior_steps, run)
 
     weight = (f"rho {float(rhos[0]):.3g} -> {float(rhos[-1]):.3g}, prior_steps={prior_steps}, "
-              f"{options.describe(method)}")
+              f"{data.describe()}")
     return integrate(step, x, starts, name="pnp_dm", weight=weight, progress=run.progress)
 

@@ -63,7 +63,7 @@ def sde_projection(
     pseudo-inverse by `cg_iters` conjugate-gradient steps on A^H A (`least_squares`; exact in one step for
     masks, the identity and DFT subsampling). λ = 1 is a hard projection, λ < 1 a soft one that tolerates
     measurement noise; the noise model of `likelihood` is not used (σ_y enters only through y).
-    With λ = 0 and snr = 0 the sampler is `sample_prior` (same draws from the run's generator).
+    With λ = 0 and snr = 0 the sampler is `sample_prior` on the same time grid (same draws from the run's generator).
 
     likelihood: y = A x + b with A acting on (B, *event_shape) images; lam: λ in [0, 1];
     snr: corrector signal-to-noise ratio ≥ 0 (0: no corrector); n_corrector: corrector steps per time;
