@@ -220,10 +220,10 @@ def run_gaussian(args: argparse.Namespace, method: str, problem: str) -> dict:
 
 
 def blackhole_truths(args: argparse.Namespace, prior) -> torch.Tensor:
-    """`--bh-truths` draws of the shipped prior, cached in --out/results: 500 reverse-SDE steps on the log-SNR grid,
-    the last without noise. As rough as the training images (mean |Laplacian| 0.030 against 0.028); the uniform grid's
-    draws are not (0.041 with the noise-free last step, 0.083 without), and noisy truths make every sampler whose draws
-    are clean look over-confident."""
+    """`--bh-truths` draws of the shipped prior, cached in --out/results: 500 reverse-SDE steps on the log-SNR grid to
+    the prior's t0. About as rough as the training images (mean |4-neighbour Laplacian| 0.032 against 0.028); the
+    uniform grid's draws are not (0.077: its last step's noise stays), and noisy truths make every sampler whose
+    draws are clean look over-confident."""
     path = args.out / "results" / f"bh_truths_{args.bh_truths}_{args.seed}_log_snr.pt"
     if path.exists():
         return torch.load(path)

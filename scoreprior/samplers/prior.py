@@ -34,8 +34,9 @@ def sample_prior(
         t, the last step of a VP model run to t0 = 1e-5 spans the noise stds from 0.05 (100 steps) or 0.017
         (500 steps) down to 0.001, and its draws keep that step's noise. Measured on the shipped blackhole-32
         prior (mean |4-neighbour Laplacian| of 32 draws; training images 0.028): uniform 0.239 at 100 steps
-        and 0.080 at 500, log-SNR 0.034 and 0.037, EDM 0.033 and 0.036. On gaussian-16 (pixel std ≥ 0.1) both
-        grids are within a few per cent of the exact variances.
+        and 0.080 at 500, log-SNR 0.034 and 0.037, EDM 0.033 and 0.036. On gaussian-16 (pixel std ≥ 0.1, 1000
+        draws at t0 = 1e-5) the variance along the 20 smallest eigenvectors of the exact covariance is 1.13 times
+        the exact one on the uniform grid at 100 steps, 1.08 on the log-SNR grid, and 1.02 uniform at 500 steps.
     Returns (n, *event_shape) samples of x_t0.
     """
     run = as_run(run)
