@@ -74,18 +74,31 @@ class DPIPosterior:
 
     prior: the `Prior` DPI trains with (`log_prob(x) -> (B,)`), e.g. a GaussianPrior, SurrogatePrior or
         ScorePrior with `event_shape`. image_shape: (C, H, W).
-    steps, batch_size, lr, n_flows, hidden, init_scale, prior_kwargs: as DPI / DPI.fit (warm-up: a tenth of
-        the steps, at most 100; cosine decay). The flow's seed, its latents and the prior's randomness (a
-        SurrogatePrior's times, a ScorePrior's Hutchinson probes: `DPI.fit` hands them its generator) come
-        from the problem's generator, so a problem's result does not depend on the problems run before it
-        in the same process, and the global RNG is not touched.
+    steps, batch_size, lr, n_flows, hidden, prior_kwargs: as DPI / DPI.fit (warm-up: a tenth of
+        the steps, at most 100; cosine decay).
+    init_scale: the flow's initial output scale; default 0.1 without a reference, 1 with one (the flow then
+        starts at the reference itself).
+    reference: None (the flow starts at N(0, init_scale^2 I)) or a function likelihood -> `GaussianPrior` on
+        images of image_shape, the Gaussian reference the flow starts from for that problem, as the main job's
+        DPI does, e.g. `lambda lik: reference_posterior(prior_draws, lik, floor=...)` (`scoreprior.priors`).
+        Without one the flow is over-confident under Fourier subsampling and the EHT operator
+        (studies/sampler_calibration.py).
+    The flow's seed, its latents and the prior's randomness (a SurrogatePrior's times, a ScorePrior's Hutchinson
+    probes: `DPI.fit` hands them its generator) come from the problem's generator, so a problem's result does not
+    depend on the problems run before it in the same process, and the global RNG is not touched.
     """
 
     def __init__(self, prior: Prior, image_shape: tuple[int, ...], *, steps: int = 300, batch_size: int = 64,
-                 lr: float = 1e-2, n_flows: int = 4, hidden: int = 64, init_scale: float = 0.1,
-                 prior_kwargs: dict | None = None) -> None:
-        self.prior, self.image_shape = prior, tuple(image_shape)
+                 lr: float = 1e-2, n_flows: int = 4, hidden: int = 64, init_scale: float | None = None,
+                 prior_kwargs: dict | None = None,
+                 reference: Callable[[GaussianLikelihood], GaussianPrior] | None = None) -> None:
+        if reference is not None and not callable(reference):
+            raise TypeError(f"reference: expected None or a function likelihood -> GaussianPrior, got "
+                            f"{type(reference).__name__}")
+        self.prior, self.image_shape, self.reference = prior, tuple(image_shape), reference
         self.steps, self.batch_size = positive_int(steps, "steps"), positive_int(batch_size, "batch_size")
+        if init_scale is None:
+            init_scale = 0.1 if reference is None else 1.0
         self.lr, self.init_scale = positive_float(lr, "lr"), positive_float(init_scale, "init_scale")
         self.n_flows, self.hidden = positive_int(n_flows, "n_flows"), positive_int(hidden, "hidden")
         self.prior_kwargs = prior_kwargs
@@ -93,7 +106,9 @@ class DPIPosterior:
     def __call__(self, likelihood: GaussianLikelihood, n: int, *, generator: torch.Generator) -> dict[str, Tensor]:
         """Fit, then n draws: {"samples": (n, *image_shape), "log_q": (n,), "final_loss": 0-d, "skipped": 0-d}."""
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
-        dpi = DPI(self.image_shape, n_flows=self.n_flows, hidden=self.hidden, init_scale=self.init_scale, seed=seed)
+        reference = None if self.reference is None else self.reference(likelihood)
+        dpi = DPI(self.image_shape, n_flows=self.n_flows, hidden=self.hidden, init_scale=self.init_scale, seed=seed,
+                  reference=reference)
         config = FitConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, warmup=min(100, self.steps // 10))
         history = dpi.fit(self.prior, likelihood, config, prior_kwargs=self.prior_kwargs, progress=False,
                           generator=generator)

@@ -4,14 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from scoreprior.calibration import ExactGaussianPosterior, run_calibration
+from scoreprior.calibration import DPIPosterior, ExactGaussianPosterior, run_calibration
 from scoreprior.data import gaussian_field
 from scoreprior.diagnostics import (
     binomial_band, coverage, credible_interval, rank_uniformity, sbc_ecdf, sbc_ranks, summary_maps, tarp_atc,
     tarp_coverage, to_datatree,
 )
 from scoreprior.operators import GaussianBlur
-from scoreprior.priors import GaussianPrior
+from scoreprior.likelihood import GaussianLikelihood
+from scoreprior.priors import GaussianPrior, gaussian_posterior
 
 azs = pytest.importorskip("arviz_stats")
 xr = pytest.importorskip("xarray")
@@ -28,6 +29,32 @@ def runs():
     problem = dict(seed=3, truth_prior=prior, operator=GaussianBlur(1.0), sigma=0.1, n_samples=300)
     return {name: run_calibration(range(200), posterior=ExactGaussianPosterior(prior, cov_scale=c), **problem)
             for name, c in (("exact", 1.0), ("shrunk", 0.5), ("widened", 2.0))}
+
+
+def test_dpi_posterior_starts_from_its_reference():
+    """With a reference, the flow maps N(0, I) through x = m + L u: a flow at its identity start (the default
+    init_scale 1 with a reference; one step at lr 1e-12) draws the reference, here the exact posterior N(m, S) of a 3x3 blur problem; the
+    reference function gets the problem's likelihood. 4000 draws: mean within 4.5 standard errors, covariance
+    within 6 standard errors of its entries. Not callable: TypeError."""
+    prior = GaussianPrior(*gaussian_field(3, 3))
+    truth = prior.sample(1, generator=torch.Generator().manual_seed(0))
+    likelihood = GaussianLikelihood(GaussianBlur(1.0), GaussianBlur(1.0).A(truth), 0.1)
+    seen = []
+
+    def reference(lik):
+        seen.append(lik)
+        return GaussianPrior(*gaussian_posterior(prior, lik))
+
+    posterior = DPIPosterior(prior, (1, 3, 3), steps=1, lr=1e-12, reference=reference)
+    draws = posterior(likelihood, 4000, generator=torch.Generator().manual_seed(1))["samples"].double().reshape(4000, 9)
+    mean, cov = gaussian_posterior(prior, likelihood)
+    assert seen == [likelihood]
+    se = (cov.diagonal() / 4000).sqrt()
+    assert ((draws.mean(0) - mean.reshape(-1)) / se).abs().max() < 4.5
+    scale = cov.diagonal().max().item()
+    torch.testing.assert_close(torch.cov(draws.T), cov, atol=6 * math.sqrt(2 / 4000) * scale, rtol=0)
+    with pytest.raises(TypeError, match="reference: expected None or a function"):
+        DPIPosterior(prior, (1, 3, 3), reference=GaussianPrior(*gaussian_field(3, 3)))
 
 
 def test_problems_depend_only_on_seed_and_index(runs):

@@ -100,8 +100,8 @@ def test_sampler_calibration_quick(tmp_path):
     gaussian, blackhole = metrics["gaussian"], metrics["blackhole"]
     problems = ("denoise", "blur", "fourier", "eht")
     assert set(gaussian) == {f"{p}/{m}" for p in problems for m in
-                             ("exact", "dpi_exact", "dpi_surrogate", "dps", "score_ald", "projection", "pnp_dm", "daps",
-                              "ws")}
+                             ("exact", "dpi_exact", "dpi_surrogate", "dpi_reference", "dps", "score_ald", "projection",
+                              "pnp_dm", "daps", "ws")}
     for problem in problems:  # 64 exact draws: mean error ~ 1/8 of a posterior std, std ratio ~ 1 +- 0.09
         exact = gaussian[f"{problem}/exact"]
         assert exact["mean_error_stds"] < 0.25 and abs(exact["std_ratio"] - 1) < 0.2 and exact["coverage90"] > 0.75
