@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -25,6 +26,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +47,7 @@ from scoreprior.operators import (FourierMask, FourierSubsample, GaussianBlur, I
                                   uas_to_rad)
 from scoreprior.posterior import DPI, FitConfig, FitDiverged
 from scoreprior.pretrained import load_score_prior
-from scoreprior.priors import GaussianPrior, reference_posterior
+from scoreprior.priors import GaussianPrior, gaussian_posterior, reference_posterior
 from scoreprior.samplers import Run, sample_prior
 from scoreprior.sde import VESDE, SubVPSDE, VPSDE
 from scoreprior.surrogate import SurrogatePrior
@@ -407,6 +409,14 @@ def _posterior(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_reference_options(args: argparse.Namespace) -> None:
+    """--reference-samples: 0 or at least 2 draws; --reference-steps >= 1."""
+    if args.reference_samples == 1 or args.reference_samples < 0:
+        raise ValueError(f"--reference-samples: expected 0 (no reference) or at least 2 draws, got "
+                         f"{args.reference_samples}")
+    _require_positive(args, "reference_steps")
+
+
 def _check_posterior_options(args: argparse.Namespace) -> None:
     """The `posterior` command's checks that need no file: the data source and the counts."""
     _check_posterior_source(args)
@@ -415,9 +425,7 @@ def _check_posterior_options(args: argparse.Namespace) -> None:
     if args.check and not 25 <= args.check <= args.n_samples:
         raise ValueError(f"--check: expected 0 or a number of draws in [25, --n-samples = {args.n_samples}] "
                          f"(PSIS needs 25), got {args.check}")
-    if args.reference_samples == 1 or args.reference_samples < 0:
-        raise ValueError(f"--reference-samples: expected 0 (no reference) or at least 2 draws, got "
-                         f"{args.reference_samples}")
+    _check_reference_options(args)
     _require_positive(args, "steps", "batch_size", "n_flows")
     _require_positive(args, "warmup", minimum=0)
 
@@ -492,11 +500,9 @@ def _closure_likelihood(args: argparse.Namespace, image_shape: tuple[int, ...]) 
     return likelihood
 
 
-def _reference(
-    prior: ScorePrior, likelihood: GaussianLikelihood | ClosureLikelihood, args: argparse.Namespace
-) -> GaussianPrior | None:
-    """The flow's Gaussian reference from --reference-samples unconditional draws of the prior, or None:
-    their Gaussian's exact posterior for a GaussianLikelihood, their Gaussian itself for closures."""
+def _reference_draws(prior: ScorePrior, args: argparse.Namespace) -> tuple[Tensor, float] | None:
+    """--reference-samples unconditional draws of the prior in x_0's units and the eigenvalue floor of their
+    Gaussian (`reference_posterior`), or None for --reference-samples 0."""
     if not args.reference_samples:
         return None
     start = time.perf_counter()
@@ -504,12 +510,34 @@ def _reference(
                          steps=args.reference_steps,
                          run=Run(t0=prior.t0, generator=torch.Generator().manual_seed(args.seed + 3)))
     a0 = float(prior.sde.marginal(torch.tensor([prior.t0], dtype=torch.float64))[0])
-    # Draws of p_t0 / a0 carry half the smoothing of the density the surrogate bounds; the floor adds the rest.
-    smoothing = SurrogatePrior(prior.score, prior.sde, t0=prior.t0).smoothing
-    reference = reference_posterior(draws / a0, likelihood, floor=smoothing / 2)
     print(f"Gaussian reference from {args.reference_samples} prior draws ({args.reference_steps} sampler steps) "
           f"in {time.perf_counter() - start:.0f} s")
-    return reference
+    # Draws of p_t0 / a0 carry half the smoothing of the density the surrogate bounds; the floor adds the rest.
+    return draws / a0, SurrogatePrior(prior.score, prior.sde, t0=prior.t0).smoothing / 2
+
+
+def _reference(
+    prior: ScorePrior, likelihood: GaussianLikelihood | ClosureLikelihood, args: argparse.Namespace
+) -> GaussianPrior | None:
+    """The flow's Gaussian reference from --reference-samples unconditional draws of the prior, or None:
+    their Gaussian's exact posterior for a GaussianLikelihood, their Gaussian itself for closures."""
+    drawn = _reference_draws(prior, args)
+    return None if drawn is None else reference_posterior(drawn[0], likelihood, floor=drawn[1])
+
+
+def _calibration_reference(
+    args: argparse.Namespace, truth_prior: GaussianPrior, score_prior: ScorePrior | None
+) -> Callable[[GaussianLikelihood], GaussianPrior] | None:
+    """The Gaussian reference each DPI fit of `calibrate` starts from, as `posterior`'s does, or None
+    (--reference-samples 0: the flow starts at N(0, I)). For the prior 'gaussian' the exact posterior, the
+    limit of the Gaussian fitted to many prior draws; for a score prior the posterior of the Gaussian of
+    --reference-samples draws (`_reference_draws`)."""
+    if not args.reference_samples:
+        return None
+    if score_prior is None:
+        return lambda likelihood: GaussianPrior(*gaussian_posterior(truth_prior, likelihood))
+    draws, floor = _reference_draws(score_prior, args)
+    return functools.partial(reference_posterior, draws, floor=floor)
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -520,7 +548,9 @@ def _calibrate(args: argparse.Namespace) -> int:
     _require_positive(args, "n_problems", "n_samples", minimum=2)
     _require_positive(args, "first", "seed", minimum=0)
     _require_positive(args, "dpi_steps", "size")
+    _check_reference_options(args)
     _check_out(args.out)
+    score_prior = None
     if args.prior == "gaussian":
         image_shape = (1, args.size, args.size)
         truth_prior = log_prior = GaussianPrior(*gaussian_field(args.size, args.size))
@@ -538,7 +568,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     if args.method == "exact":
         posterior = ExactGaussianPosterior(truth_prior, cov_scale=args.cov_scale)
     else:
-        posterior = DPIPosterior(log_prior, image_shape, steps=args.dpi_steps)
+        posterior = DPIPosterior(log_prior, image_shape, steps=args.dpi_steps,
+                                 reference=_calibration_reference(args, truth_prior, score_prior))
     indices = range(args.first, args.first + args.n_problems)
     with init_from_env("cpu") as process:  # under torchrun the problems are split across the processes
         if process.rank == 0:
@@ -639,6 +670,14 @@ def _add_demo(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) 
     demo.set_defaults(run=_demo)
 
 
+def _reference_arguments(parser: argparse.ArgumentParser, note: str = "") -> None:
+    """--reference-samples and --reference-steps, shared by `posterior` and `calibrate`."""
+    parser.add_argument("--reference-samples", type=int, default=128,
+                        help="unconditional prior draws whose Gaussian posterior the flow starts from (0: none, the "
+                             "flow starts at N(0, I) and tends to collapse on large images)" + note)
+    parser.add_argument("--reference-steps", type=int, default=100, help="sampler steps for those draws")
+
+
 def _add_posterior(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Add the `posterior` command: a DPI fit."""
     defaults = argparse.ArgumentDefaultsHelpFormatter
@@ -679,10 +718,7 @@ def _add_posterior(sub: argparse._SubParsersAction, common: argparse.ArgumentPar
     posterior.add_argument("--n-flows", type=int, default=16, help="flow steps of the RealNVP posterior")
     posterior.add_argument("--n-samples", type=int, default=256, help="posterior draws written and summarised")
     posterior.add_argument("--seed", type=int, default=0, help="seeds masks, simulated noise, flow and draws")
-    posterior.add_argument("--reference-samples", type=int, default=128,
-                           help="unconditional prior draws whose Gaussian posterior the flow starts from (0: none, "
-                                "the flow starts at N(0, I) and tends to collapse on large images)")
-    posterior.add_argument("--reference-steps", type=int, default=100, help="sampler steps for those draws")
+    _reference_arguments(posterior)
     posterior.add_argument("--check", type=int, default=0, metavar="N",
                            help="weigh N >= 25 draws with the exact ODE density: PSIS k̂, ESS and a verdict in "
                                 "check.json (0: no check; minutes per 32 draws at 32x32)")
@@ -696,7 +732,8 @@ def _add_calibrate(sub: argparse._SubParsersAction, common: argparse.ArgumentPar
     calibrate = sub.add_parser("calibrate", help="coverage, SBC and TARP of a posterior over many simulated problems",
                                description="Simulate problems (truth from the gaussian-field model of the image "
                                            "size, y = A x + noise), draw the posterior of each (exact Gaussian "
-                                           "or DPI), and write metrics.json, coverage.png, tarp.png, sbc.png, "
+                                           "or DPI, started like `posterior`'s from a Gaussian reference unless --reference-samples is 0), and "
+                                           "write metrics.json, coverage.png, tarp.png, sbc.png, "
                                            "summary_<method>.png and samples.npz into --out. Problem i depends "
                                            "on (--seed, i) only, so runs over disjoint --first ranges can be "
                                            "merged.",
@@ -716,6 +753,7 @@ def _add_calibrate(sub: argparse._SubParsersAction, common: argparse.ArgumentPar
     calibrate.add_argument("--n-samples", type=int, default=200, help="posterior draws per problem")
     calibrate.add_argument("--size", type=int, default=8, help="image side for the prior 'gaussian'")
     calibrate.add_argument("--dpi-steps", type=int, default=300, help="DPI optimiser steps per problem")
+    _reference_arguments(calibrate, " (prior 'gaussian': the exact posterior, whatever the number)")
     calibrate.add_argument("--t0", type=float, default=1e-3, help="smallest diffusion time of a checkpoint prior")
     calibrate.add_argument("--seed", type=int, default=0, help="seeds masks, problems and TARP references")
     calibrate.set_defaults(run=_calibrate)

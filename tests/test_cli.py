@@ -210,6 +210,8 @@ def test_bad_options_are_refused_by_name_before_any_work(tiny, tmp_path, capsys)
     refused(["logprob", ckpt, image, "--out", str(tmp_path / "l.csv"), "--batch-size", "0"], "--batch-size", "0")
     refused(["calibrate", "gaussian", "--operator", "blur:1", "--sigma", "0.1", "--out", str(tmp_path / "c"),
              "--first", "-5"], "--first", "-5")
+    refused(["calibrate", "gaussian", "--operator", "blur:1", "--sigma", "0.1", "--out", str(tmp_path / "c"),
+             "--reference-samples", "1"], "--reference-samples", "1")
     refused(["train", "--data", "gaussian-field", "--out", str(tmp_path / "p.pt"), "--steps", "0"], "--steps")
     assert not (tmp_path / "p.pt").exists()
     refused(["logprob", ckpt, image, "--out", str(tmp_path / "l.csv"), "--threads", "0"], "--threads")

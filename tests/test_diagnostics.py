@@ -1,3 +1,4 @@
+import json
 import math
 
 import numpy as np
@@ -270,6 +271,22 @@ def test_bad_shapes_name_the_argument():
         coverage([[1.0]], torch.zeros(1), [0.5])
 
 
+def test_calibrate_starts_dpi_from_the_reference_that_posterior_uses(tmp_path):
+    """`calibrate gaussian --method dpi` starts each flow at the exact posterior (the reference, by default) and
+    after one DPI step the draws are still that posterior: 90 % ETI coverage near 0.9 over 30 blur problems.
+    With --reference-samples 0 the flow starts at N(0, 0.1^2 I): coverage far below."""
+    from scoreprior.cli import main
+
+    common = ["calibrate", "gaussian", "--operator", "blur:1", "--sigma", "0.1", "--n-problems", "30",
+              "--n-samples", "40", "--size", "4", "--dpi-steps", "1"]
+    coverage = {}
+    for name, extra in (("reference", []), ("none", ["--reference-samples", "0"])):
+        assert main([*common, "--out", str(tmp_path / name), *extra]) == 0
+        result = json.loads((tmp_path / name / "metrics.json").read_text())["results"]["dpi"]
+        coverage[name] = result["coverage_eti"][-1]
+    assert abs(coverage["reference"] - 0.9) < 0.08 and coverage["none"] < 0.5, coverage
+
+
 def test_calibrate_command_writes_its_report(tmp_path):
     from scoreprior.cli import main
 
@@ -277,8 +294,6 @@ def test_calibrate_command_writes_its_report(tmp_path):
     status = main(["calibrate", "gaussian", "--operator", "blur:1", "--sigma", "0.1", "--method", "exact",
                    "--n-problems", "30", "--n-samples", "40", "--size", "4", "--out", str(out)])
     assert status == 0
-    import json
-
     metrics = json.loads((out / "metrics.json").read_text())
     result = metrics["results"]["exact"]
     assert result["n_problems"] == 30 and len(result["coverage_eti"]) == 9
