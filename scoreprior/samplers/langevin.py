@@ -98,15 +98,19 @@ def as_likelihood_step(step: object) -> LikelihoodStep:
     return step
 
 
+def _weighted_adjoint(likelihood: GaussianLikelihood, u: Tensor) -> Tensor:
+    """κ A^H Σ^{-1} u for measurements u (B, *measurement_shape): κ = 2 for complex y, 1 for real."""
+    kappa = 2.0 if likelihood.operator.is_complex else 1.0
+    return kappa * likelihood.operator.A_adjoint(likelihood.noise.solve(u))
+
+
 def _precision_eigen(likelihood: GaussianLikelihood, like: Tensor) -> tuple[Tensor, Tensor]:
     """(λ, V): the eigendecomposition κ A^H Σ^{-1} A = V diag(λ) V^T over the pixels of `like`'s images,
     (d,) and (d, d) in like's dtype and device, from A applied to the pixel basis in chunks of 256 images."""
-    operator, noise = likelihood.operator, likelihood.noise
-    kappa = 2.0 if operator.is_complex else 1.0
     shape = like.shape[1:]
     d = math.prod(shape)
     basis = torch.eye(d, dtype=like.dtype, device=like.device).reshape(d, *shape)
-    columns = [kappa * operator.A_adjoint(noise.solve(operator.A(chunk))).reshape(len(chunk), d)
+    columns = [_weighted_adjoint(likelihood, likelihood.operator.A(chunk)).reshape(len(chunk), d)
                for chunk in basis.split(256)]
     h = torch.cat(columns).double()
     lam, vec = torch.linalg.eigh((h + h.T) / 2)
@@ -117,18 +121,15 @@ def _exact_draw(likelihood: GaussianLikelihood, c: Tensor, r: float, step: Likel
                 eigen: tuple[Tensor, Tensor] | None) -> Tensor:
     """Perturb-and-MAP draw of z ∝ p(y | z) N(z; c, r^2 I) (module docstring), through `eigen`
     (`_precision_eigen`) or, for None, by CG. c: (B, *event_shape)."""
-    operator, noise = likelihood.operator, likelihood.noise
-    kappa = 2.0 if operator.is_complex else 1.0
     b = likelihood.sample(torch.zeros_like(c), generator=run.generator)  # A 0 + b' = b' ~ the noise model
     y = likelihood.y.to(device=b.device, dtype=b.dtype)
-    rhs = kappa * operator.A_adjoint(noise.solve(y + b)) + (c + r * run.noise(c)) / r**2
-
+    rhs = _weighted_adjoint(likelihood, y + b) + (c + r * run.noise(c)) / r**2
     if eigen is not None:
         lam, vec = eigen
         return (((rhs.flatten(1) @ vec) / (lam + 1 / r**2)) @ vec.T).reshape(c.shape)
 
     def apply(v: Tensor) -> Tensor:
-        return kappa * operator.A_adjoint(noise.solve(operator.A(v))) + v / r**2
+        return _weighted_adjoint(likelihood, likelihood.operator.A(v)) + v / r**2
 
     return conjugate_gradients(apply, rhs, c, iters=step.cg_iters, rtol=step.cg_rtol)
 
