@@ -34,14 +34,15 @@ def _rss_mb() -> float:
 
 
 def _make_prior(kind: str, score: _FieldPlusNet, t0: float, tol: float) -> tuple[object, dict]:
-    """The prior and the log_prob keyword arguments DPI training uses with it."""
-    from scoreprior import GaussianPrior, ScorePrior, SurrogatePrior
+    """The prior and the `DPI.fit` prior_kwargs used with it."""
+    from scoreprior import GaussianPrior, ODEOptions, ScorePrior, SurrogatePrior
 
     if kind.startswith("exact-ode"):
         # The paper's set-up is the adjoint; backpropagation through the solver is faster and its memory
         # grows with the number of steps (the peak MB column).
         adjoint = kind == "exact-ode"
-        return ScorePrior(score, score.sde, t0=t0), dict(divergence="hutchinson", adjoint=adjoint, rtol=tol, atol=tol)
+        options = ODEOptions(divergence="hutchinson", adjoint=adjoint, rtol=tol, atol=tol)
+        return ScorePrior(score, score.sde, t0=t0), {"options": options}
     if kind.startswith("surrogate"):
         # One time sample per evaluation is Feng & Bouman's default; 16 lowers its variance.
         n_time_samples = 16 if kind == "surrogate-16" else 1
@@ -72,15 +73,15 @@ def _dpi_step_time(kind: str, size: int, batch: int, steps: int, t0: float, tol:
 
 
 def _adjoint_memory(size: int, tol: float, adjoint: bool, t0: float) -> dict:
-    from scoreprior import ScorePrior
+    from scoreprior import ODEOptions, ScorePrior
 
     score = _FieldPlusNet(size)
     prior = ScorePrior(score, score.sde, t0=t0)
     x = score.field.mean[None].float().repeat(4, 1, 1, 1).requires_grad_()
+    options = ODEOptions(divergence="hutchinson", adjoint=adjoint, rtol=tol, atol=tol)
     before = _rss_mb()
     start = time.perf_counter()
-    logp, stats = prior.log_prob(x, divergence="hutchinson", adjoint=adjoint, rtol=tol, atol=tol,
-                                 return_stats=True)
+    logp, stats = prior.log_prob(x, options, return_stats=True)
     logp.sum().backward()
     return {"size": f"{size}x{size}", "tol": tol, "adjoint": adjoint, "nfe": stats["nfe"],
             "nfe_backward": stats["nfe_backward"], "seconds": time.perf_counter() - start,
@@ -90,20 +91,31 @@ def _adjoint_memory(size: int, tol: float, adjoint: bool, t0: float) -> dict:
 def _log_prob_accuracy(size: int, batch: int, tol: float, t0: float, seeds: int) -> dict:
     """Error of the exact-ode log p at DPI's tolerance, one probe: against the closed form (the field is
     Gaussian and the net adds nothing; the exact marginal at T as terminal density) and against the
-    same probe at rtol = atol = 1e-6 (the solver's share). Uses only the log_prob arguments of every
-    scoreprior version, so a checkout of an older one can run it (--accuracy-only)."""
+    same probe at rtol = atol = 1e-6 (the solver's share). Runs with every scoreprior version (log_prob took
+    the solver options as keyword arguments before ODEOptions), so a checkout of an older one can run it
+    (--accuracy-only)."""
     from scoreprior import ScorePrior
+
+    try:
+        from scoreprior import ODEOptions
+    except ImportError:  # a scoreprior from before ODEOptions: log_prob takes the solver options as keywords
+        ODEOptions = None
 
     score = _FieldPlusNet(size)
     field = score.field
     prior = ScorePrior(score, score.sde, t0=t0, terminal_log_prob=lambda z: field.log_prob_t(z, score.sde.T))
     x = sample_gaussian(field.mean, field.cov, batch, generator=torch.Generator().manual_seed(3))
     truth = field.log_prob_t(x, t0)
+
+    def log_prob(tol: float, seed: int) -> torch.Tensor:
+        options = dict(divergence="hutchinson", rtol=tol, atol=tol)
+        if ODEOptions is not None:
+            options = {"options": ODEOptions(**options)}
+        return prior.log_prob(x, generator=torch.Generator().manual_seed(seed), **options)
+
     total, solver = [], []
     for seed in range(seeds):
-        kw = dict(divergence="hutchinson", generator=torch.Generator().manual_seed(seed))
-        logp = prior.log_prob(x, rtol=tol, atol=tol, **kw)
-        tight = prior.log_prob(x, rtol=1e-6, atol=1e-6, **{**kw, "generator": torch.Generator().manual_seed(seed)})
+        logp, tight = log_prob(tol, seed), log_prob(1e-6, seed)
         total.append((logp - truth).abs().mean().item())
         solver.append((logp - tight).abs().mean().item())
     return {"size": f"{size}x{size}", "tol": tol, "error_vs_closed_form": statistics.mean(total),

@@ -24,7 +24,7 @@ import time
 import torch
 
 from common import write_json
-from scoreprior import GaussianScore, ScorePrior, VPSDE
+from scoreprior import GaussianScore, ODEOptions, ScorePrior, VPSDE
 from scoreprior.data import gaussian_field, sample_gaussian
 from scoreprior.nets import UNet
 from scoreprior.noise_prediction import NoisePredictionScore
@@ -71,25 +71,26 @@ def bench_size(size: int, batch: int, repeats: int, exact_solve_max: int, t0: fl
     unit = _median_time(forward_vjp, repeats)
     rows = []
 
-    def solve(**kw):
+    def solve(divergence: str, n_probes: int = 1):
+        options = ODEOptions(solver="adaptive", divergence=divergence, n_probes=n_probes, rtol=tol, atol=tol)
         start = time.perf_counter()
-        _, stats = prior.log_prob(x, rtol=tol, atol=tol, return_stats=True,
-                                  generator=torch.Generator().manual_seed(1), **kw)
+        _, stats = prior.log_prob(x, options, return_stats=True, generator=torch.Generator().manual_seed(1))
         return time.perf_counter() - start, stats["nfe"]
 
     for n_probes in (1, 4):
-        wall, nfe = solve(divergence="hutchinson", n_probes=n_probes)
+        wall, nfe = solve("hutchinson", n_probes)
         rows.append({
             "size": f"{size}x{size}", "d": d, "divergence": f"hutchinson({n_probes})", "nfe": nfe,
             "s_per_image": wall / batch, "overhead_ratio": wall / (nfe * unit), "unit_s": unit,
         })
-    one_eval = _median_time(lambda: prior.log_prob(x, divergence="exact", method="euler"), max(1, repeats // 2))
+    euler = ODEOptions(solver="adaptive", divergence="exact", method="euler")  # one step: one evaluation
+    one_eval = _median_time(lambda: prior.log_prob(x, euler), max(1, repeats // 2))
     row = {
         "size": f"{size}x{size}", "d": d, "divergence": "exact", "unit_s": unit,
         "exact_eval_in_d_units": one_eval / (d * unit),
     }
     if d <= exact_solve_max:
-        wall, nfe = solve(divergence="exact")
+        wall, nfe = solve("exact")
         row.update(nfe=nfe, s_per_image=wall / batch, overhead_ratio=wall / (nfe * unit))
     rows.append(row)
     return rows

@@ -35,10 +35,11 @@ import torch
 from scipy.integrate import solve_ivp
 
 from common import write_json
-from scoreprior import GaussianPrior, ScorePrior, pretrained
+from scoreprior import GaussianPrior, ODEOptions, ScorePrior, pretrained
 from scoreprior.data import natural_patches
 
 T0 = 1e-5
+ADAPTIVE = ODEOptions(solver="adaptive")  # the solver compared here ("auto" picks natural-16's Gaussian base grid)
 
 
 def reference_log_prob(prior: ScorePrior, x: torch.Tensor, probe: torch.Tensor, tol: float) -> tuple[torch.Tensor, int]:
@@ -83,8 +84,9 @@ def sweep(prior: ScorePrior, cv_prior: ScorePrior, x: torch.Tensor, exact: torch
                         logp, nfe = torch.stack([r[0] for r in runs]).mean(0), sum(r[1] for r in runs)
                     else:
                         target = prior if method == "scoreprior" else cv_prior
-                        (logp, stats), wall = _timed(lambda: target.log_prob(
-                            x, divergence="hutchinson", n_probes=k, rtol=tol, atol=tol, generator=gen, return_stats=True))
+                        options = ADAPTIVE.replace(divergence="hutchinson", n_probes=k, rtol=tol, atol=tol)
+                        (logp, stats), wall = _timed(lambda: target.log_prob(x, options, generator=gen,
+                                                                             return_stats=True))
                         nfe = stats["nfe"]
                     errors.append((logp - exact).abs().mean().item())
                     walls.append(wall)
@@ -113,8 +115,9 @@ def speedups(rows: list[dict]) -> list[dict]:
 
 def solver_rows(prior: ScorePrior, x: torch.Tensor, methods, tols) -> list[dict]:
     """Solver error alone: log p with one probe against the same probe at rtol = atol = 1e-8 (dopri5)."""
-    def solve(**kw):
-        return prior.log_prob(x, divergence="hutchinson", generator=torch.Generator().manual_seed(7), return_stats=True, **kw)
+    def solve(**options):
+        options = ADAPTIVE.replace(divergence="hutchinson", **options)
+        return prior.log_prob(x, options, generator=torch.Generator().manual_seed(7), return_stats=True)
 
     tight = solve(rtol=1e-8, atol=1e-8)[0]
     rows = []
@@ -149,7 +152,7 @@ def exact_trace_rows(sizes, batch: int) -> list[dict]:
             return trace
 
         def batched() -> torch.Tensor:
-            return prior.log_prob(x, divergence="exact", method="euler")  # one step: one evaluation
+            return prior.log_prob(x, ADAPTIVE.replace(divergence="exact", method="euler"))  # one step: one evaluation
 
         batched()  # warm-up: the first vmap call pays a one-off set-up
         _, ours = _timed(batched)
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     prior = pretrained("natural-16", t0=T0)
     x = natural_patches(args.batch, 16, split="test", generator=torch.Generator().manual_seed(0))
     train = natural_patches(20000, 16, split="train", generator=torch.Generator().manual_seed(1))
-    cv_prior = ScorePrior(prior.score, prior.sde, t0=T0, control_variate=GaussianPrior.fit(train, floor=1e-4))
+    cv_prior = ScorePrior(prior.score, prior.sde, t0=T0, gaussian_base=GaussianPrior.fit(train, floor=1e-4))
     cache = Path(args.cache)
     exact, wall = None, 0.0
     if cache.is_file():
@@ -208,7 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
         exact = saved["log_prob"] if saved["batch"] == args.batch else None
     if exact is None:
         print(f"exact-trace log p (batch {args.batch}; cached in {cache}) ...", flush=True)
-        exact, wall = _timed(lambda: prior.log_prob(x, divergence="exact", rtol=1e-5, atol=1e-5, logp_atol=1e-3))
+        options = ADAPTIVE.replace(divergence="exact", rtol=1e-5, atol=1e-5, logp_atol=1e-3)
+        exact, wall = _timed(lambda: prior.log_prob(x, options))
         torch.save({"batch": args.batch, "log_prob": exact, "seconds": wall}, cache)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "

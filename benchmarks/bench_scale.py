@@ -29,7 +29,7 @@ import torch.multiprocessing as mp
 
 from common import write_json
 from bench_logprob import _FieldPlusNet
-from scoreprior import ScorePrior, TrainConfig, UNet, VPSDE, train_score_model
+from scoreprior import ODEOptions, ScorePrior, TrainConfig, UNet, VPSDE, train_score_model
 from scoreprior.data import gaussian_field, sample_gaussian
 from scoreprior.distributed import init_from_env, item_seed, map_sharded
 
@@ -39,11 +39,11 @@ def _log_prob_items_per_s(args: argparse.Namespace) -> float:
     prior = ScorePrior(score, score.sde, t0=1e-3)
     images = sample_gaussian(score.field.mean, score.field.cov, args.images, generator=torch.Generator().manual_seed(0))
     starts = range(0, args.images, args.logp_batch)
+    options = ODEOptions(divergence="hutchinson", rtol=args.tol, atol=args.tol)
 
     def one_batch(start: int) -> torch.Tensor:
         probes = torch.Generator().manual_seed(item_seed(0, start))
-        return prior.log_prob(images[start:start + args.logp_batch], divergence="hutchinson", generator=probes,
-                              rtol=args.tol, atol=args.tol)
+        return prior.log_prob(images[start:start + args.logp_batch], options, generator=probes)
 
     if dist.is_initialized():
         dist.barrier()

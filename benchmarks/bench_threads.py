@@ -4,8 +4,9 @@ The workload is `scoreprior demo`'s fit (`scoreprior.demo.fit_posterior`: the bl
 an EHT 2017 observation, a Gaussian reference) for `--steps` steps. Each configuration runs in a fresh
 process, because OpenMP reads OMP_NUM_THREADS and OMP_WAIT_POLICY once, when torch loads it:
 threads 1, 2 and the default (OMP_NUM_THREADS unset: one per core), wait policy ACTIVE (threads spin
-while waiting: libgomp's behaviour before scoreprior set PASSIVE) and PASSIVE (they sleep: what
-`import scoreprior` now sets). "Busy" runs it beside a competing process this script starts: a loop of
+while waiting: libgomp's behaviour before scoreprior set PASSIVE), PASSIVE (they sleep: what
+`import scoreprior` now sets) and UNSET (no variable, and the timed process imports torch before scoreprior,
+as most scripts do: the runtime's default, which scoreprior can only warn about). "Busy" runs it beside a competing process this script starts: a loop of
 small matrix products with torch's defaults, like another PyTorch job on the machine; it is stopped
 after each measurement. Only the fit is timed (its Gaussian reference included; not the imports).
 
@@ -27,7 +28,7 @@ import time
 from pathlib import Path
 
 THREADS = ("1", "2", "default")
-POLICIES = ("ACTIVE", "PASSIVE")
+POLICIES = ("ACTIVE", "PASSIVE", "UNSET")
 _COMPETITOR = """
 import torch
 a = torch.randn({size}, {size})
@@ -38,7 +39,8 @@ while True:
 
 
 def _child(steps: int, quick: bool) -> None:
-    """Time the fit in this process and print one JSON line (torch is imported here, after the env is set)."""
+    """Time the fit in this process and print one JSON line (torch is imported here, after the env is set, and
+    before scoreprior: the UNSET policy is the `import torch` first case)."""
     import torch
 
     from scoreprior.data import BLACKHOLE_FOV_UAS, blackhole_images
@@ -61,7 +63,8 @@ def _environment(threads: str, policy: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
     if threads != "default":
         env["OMP_NUM_THREADS"] = threads
-    env["OMP_WAIT_POLICY"] = policy
+    if policy != "UNSET":
+        env["OMP_WAIT_POLICY"] = policy
     return env
 
 

@@ -1,17 +1,25 @@
 """scoreprior: principled Bayesian imaging with score-based diffusion priors."""
 
 import os as _os
+import sys as _sys
+import warnings as _warnings
 
 # OpenMP threads that spin while they wait for a core held by another process made DPI 77x slower beside
 # another PyTorch job on 2 cores; PASSIVE makes them sleep instead. libgomp reads the variable once, when
 # torch loads it, i.e. at the first `import torch`, which the imports below do: the `scoreprior` command,
 # `python -m scoreprior.cli` and the studies all pass here first, before any torch import (the console
 # script imports scoreprior.cli, hence this package). A value the user set wins (OMP_WAIT_POLICY=ACTIVE
-# restores spinning); a program that imported torch before scoreprior keeps the runtime's default.
+# restores spinning). A program that imported torch first keeps the runtime's default, which nothing can
+# change afterwards: it is told once, with the fix.
+if "torch" in _sys.modules and "OMP_WAIT_POLICY" not in _os.environ:
+    _warnings.warn("torch was imported before scoreprior without OMP_WAIT_POLICY set, so its OpenMP threads spin "
+                   "while they wait: beside another busy process this made scoreprior's fits 5x slower. Fix: "
+                   "`export OMP_WAIT_POLICY=PASSIVE` before starting Python, or import scoreprior before torch "
+                   "(docs/troubleshooting.md)", RuntimeWarning, stacklevel=2)
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from scoreprior.checkpoints import load_checkpoint, load_prior
-from scoreprior.density import ScorePrior, bits_per_dim
+from scoreprior.density import ODEOptions, ScorePrior, bits_per_dim
 from scoreprior.importance import PosteriorCheck, check_posterior, importance_draws
 from scoreprior.likelihood import (
     ClosureLikelihood, DiagonalCovariance, FourierDiagonalCovariance, GaussianLikelihood, NoiseCovariance,
@@ -33,12 +41,12 @@ from scoreprior.ws import (
     Haze, WhitenedScore, WSProcess, load_ws_model, power_spectrum, sweep_lambda, ws_loss, ws_sample,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "SDE", "VPSDE", "SubVPSDE", "VESDE", "sde_from_config",
     "GaussianScore", "GaussianMixtureScore",
-    "Prior", "Likelihood", "ScorePrior", "bits_per_dim", "SurrogatePrior", "GaussianPrior", "gaussian_posterior", "reference_posterior",
+    "Prior", "Likelihood", "ScorePrior", "ODEOptions", "bits_per_dim", "SurrogatePrior", "GaussianPrior", "gaussian_posterior", "reference_posterior",
     "check_posterior", "importance_draws", "PosteriorCheck",
     "GaussianLikelihood", "ClosureLikelihood", "NoiseCovariance", "DiagonalCovariance", "FourierDiagonalCovariance",
     "UNet", "MLP", "build_net", "DPI", "FitConfig", "FitDiverged",

@@ -142,8 +142,8 @@ def prior_from_checkpoint(
     (the EMA or raw weights of a training checkpoint, the weights of an export), loaded into the network
     rebuilt from its config in eval mode with gradients off, on `device` (default CPU), and wrapped in
     `NoisePredictionScore`. Returns ScorePrior(score, sde, t0=t0, event_shape=..., data_range=data_range,
-    control_variate=...) (control_variate: the base Gaussian of a `GaussianResidualNet`, which lowers the
-    Hutchinson noise of log p). ValueError when the checkpoint holds a whitened-score model, not one of an SDE.
+    gaussian_base=...) (gaussian_base: the base Gaussian of a `GaussianResidualNet`, on which `log_prob` solves
+    the flow fastest). ValueError when the checkpoint holds a whitened-score model, not one of an SDE.
     """
     net = build_net(checkpoint["net_config"])
     net.load_state_dict(weights)
@@ -155,7 +155,7 @@ def prior_from_checkpoint(
     event_shape = tuple(checkpoint["event_shape"])
     score = NoisePredictionScore(net, sde, event_shape=event_shape)
     return ScorePrior(score, sde, t0=t0, event_shape=event_shape,
-                      data_range=None if data_range is None else tuple(data_range), control_variate=base_gaussian(net))
+                      data_range=None if data_range is None else tuple(data_range), gaussian_base=base_gaussian(net))
 
 
 def load_prior(

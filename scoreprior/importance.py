@@ -11,10 +11,13 @@ k̂ < min(1 - 1 / log10 S, 0.7) for S draws: the corrected moments converge at a
 q misses mass that the target has, and neither q's nor the corrected error bars are reliable.
 
 log p_theta may come from a probability-flow ODE with a Hutchinson trace (`ScorePrior`), which is noisy.
-Rule: when `log_prob_kwargs["divergence"]` is "hutchinson" (or "auto", for a `ScorePrior`, on images of
-more than EXACT_MAX_DIM numbers), log p is evaluated `repeats` times with
-independent probes and averaged; its per-draw standard error std / sqrt(repeats) is reported. Any other
-prior is evaluated once and taken as deterministic (noise 0). Noise of order 1 nat in log w inflates k̂.
+Rule: for a `ScorePrior` with a Hutchinson trace, each draw's standard error of log p is the one its
+solver reports (the spread of the probe sets of the Gaussian-base solver, `check_options` gives two),
+or, when the solver reports none, that of `repeats` evaluations with independent probes (std / sqrt(repeats));
+the mean of the repeats is used. Any other prior is evaluated once and taken as deterministic (noise 0).
+Noise of order 1 nat in log w inflates k̂.
+k̂ from S draws is itself a Monte Carlo estimate: `khat_se` is its bootstrap standard error (the draws
+resampled with replacement, KHAT_BOOTSTRAP times).
 The smoothing itself is arviz-stats' `psislw` (a dependency of scoreprior, imported when first needed).
 """
 
@@ -31,15 +34,20 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from scoreprior._checks import positive_int, probability
-from scoreprior.density import EXACT_MAX_DIM, ScorePrior
+from scoreprior.density import ODEOptions, ScorePrior
+from scoreprior.solver_options import merge_deprecated
 from scoreprior.protocols import Likelihood, Prior
+from scoreprior.traces import probe_set_size
 
-__all__ = ["PosteriorCheck", "check_posterior", "importance_draws"]
+__all__ = ["PosteriorCheck", "check_options", "check_posterior", "importance_draws", "systematic_indices", "weigh_draws"]
 
-SCORE_PRIOR_KWARGS = {"divergence": "hutchinson", "n_probes": 8, "rtol": 1e-4, "atol": 1e-4}
-"""log_prob options used for a `ScorePrior` when none are given."""
+KHAT_BOOTSTRAP = 200
+"""Bootstrap resamples behind `PosteriorCheck.khat_se`."""
 NOISE_LIMIT = 1.0
 """Median per-draw standard error of log p (nats) above which the check is not trusted."""
+UNIFORM_ESS = 0.9
+"""Relative ESS above which the weights are even enough to confirm a k̂ below its threshold by less than two
+standard errors (`PosteriorCheck.confirmed`)."""
 MIN_DRAWS = 25
 """PSIS fits its tail to floor(S / 5) >= 5 of the largest weights (S <= 225), so S >= 25."""
 NO_LOG_Q = "no log q: importance check not possible for this sampler"
@@ -60,7 +68,8 @@ class PosteriorCheck:
         normalised weights w; samples: (n, *image_shape) the draws; log_weights: (n,) float64 smoothed
         log w, normalised (logsumexp 0); raw_log_weights: (n,) float64 unsmoothed log w;
         log_prior_noise: (n,) float64 standard error of each draw's log p in nats (nan when not measured);
-        mean, std: (*image_shape) importance-corrected moments, samples' dtype.
+        mean, std: (*image_shape) importance-corrected moments, samples' dtype; khat_se: bootstrap standard
+        error of k̂ (module docstring; None when k̂ is not finite).
     Without log q every field but n and samples is None (khat nan) and `verdict` says so.
     """
 
@@ -74,6 +83,7 @@ class PosteriorCheck:
     log_prior_noise: Tensor | None = None
     mean: Tensor | None = None
     std: Tensor | None = None
+    khat_se: float | None = None
 
     @property
     def noise_max(self) -> float:
@@ -86,9 +96,21 @@ class PosteriorCheck:
         return math.nan if self.log_prior_noise is None else float(self.log_prior_noise.median())
 
     @property
+    def confirmed(self) -> bool:
+        """k̂ below khat_threshold by at least two bootstrap standard errors (`khat_se`, when known), or below it
+        with weights so even (ESS >= UNIFORM_ESS n) that the tail k̂ describes carries no weight: k̂ from a few
+        hundred draws is noisy (± 0.2-0.3 on a flow 0.6x too narrow in 16 dimensions, where single draws of
+        256 gave k̂ from 0.33 to 1.15), and a verdict of "reliable" on a lucky k̂ would pass over-confident
+        error bars. Such a flow's expected ESS is n / 67 there, far below UNIFORM_ESS n."""
+        if not self.khat < self.khat_threshold:
+            return False
+        margin = 0.0 if self.khat_se is None else 2.0 * self.khat_se
+        return bool(self.khat + margin < self.khat_threshold or self.ess >= UNIFORM_ESS * self.n)
+
+    @property
     def reliable(self) -> bool:
-        """khat < khat_threshold and the median log p noise <= NOISE_LIMIT (False when either is nan)."""
-        return bool(self.khat < self.khat_threshold and self.noise_median <= NOISE_LIMIT)
+        """`confirmed` and the median log p noise <= NOISE_LIMIT (False when either is nan)."""
+        return bool(self.confirmed and self.noise_median <= NOISE_LIMIT)
 
     @property
     def log_weight_spread(self) -> float:
@@ -103,12 +125,17 @@ class PosteriorCheck:
             return NO_LOG_Q
         k, thr = self.khat, self.khat_threshold
         noisy = not self.noise_median <= NOISE_LIMIT
-        if k < thr and not noisy:
-            text = f"k̂ = {k:.2f} (< {thr:.2f}): reliable; ESS {self.ess:.0f} of {self.n}"
+        shown = f"k̂ = {k:.2f}" + ("" if self.khat_se is None else f" ± {self.khat_se:.2f}")
+        uncertain = not self.confirmed
+        if k < thr and uncertain:
+            text = (f"{shown} (< {thr:.2f}, but not by two standard errors): not confirmed — more draws would tell; "
+                    f"ESS {self.ess:.0f} of {self.n}")
+        elif k < thr and not noisy:
+            text = f"{shown} (< {thr:.2f}): reliable; ESS {self.ess:.0f} of {self.n}"
         elif k < thr:
-            text = f"k̂ = {k:.2f} (< {thr:.2f}) but not confirmed: the log p noise is too large; ESS {self.ess:.0f} of {self.n}"
+            text = f"{shown} (< {thr:.2f}) but not confirmed: the log p noise is too large; ESS {self.ess:.0f} of {self.n}"
         else:
-            head = f"k̂ = {k:.2f} (≥ {thr:.2f})" if k == k else "k̂ not estimable (Pareto fit failed)"
+            head = f"{shown} (≥ {thr:.2f})" if k == k else "k̂ not estimable (Pareto fit failed)"
             text = (f"{head}: do not trust these error bars — the posterior misses mass the exact density "
                     f"finds; ESS {self.ess:.0f} of {self.n}")
         if math.isnan(self.noise_median):
@@ -157,12 +184,7 @@ class PosteriorCheck:
 
         generator: for the one uniform offset; must live on samples' device.
         """
-        m = positive_int(m, "m")
-        cdf = self._weights().to(self.samples.device).cumsum(0)
-        offset = torch.rand(1, generator=generator, dtype=cdf.dtype, device=cdf.device)
-        u = (offset + torch.arange(m, device=cdf.device)) / m
-        idx = torch.searchsorted(cdf, u * cdf[-1]).clamp_max(self.n - 1)
-        return self.samples[idx]
+        return self.samples[systematic_indices(self._weights().to(self.samples.device), m, generator=generator)]
 
     def to_dict(self) -> dict[str, Any]:
         """Scalars for JSON; non-finite numbers become None."""
@@ -170,11 +192,46 @@ class PosteriorCheck:
             return v if v is not None and math.isfinite(v) else None
 
         max_w = None if self.log_weights is None else float(self.log_weights.max().exp())
-        return {"n": self.n, "khat": num(self.khat), "khat_threshold": self.khat_threshold,
+        return {"n": self.n, "khat": num(self.khat), "khat_se": self.khat_se, "khat_threshold": self.khat_threshold,
                 "ess": num(self.ess), "max_weight": max_w, "log_prior_noise_max": num(self.noise_max),
                 "log_prior_noise_median": num(self.noise_median), "log_weight_spread": num(self.log_weight_spread),
                 "reliable": self.reliable,
                 "verdict": self.verdict}
+
+
+def systematic_indices(weights: Tensor, m: int, *, generator: torch.Generator | None = None) -> Tensor:
+    """m indices drawn by systematic resampling with `weights` (n,) >= 0 (normalised or not): (m,) long.
+
+    One uniform offset (from `generator`, on weights' device) for the m evenly spaced points of the CDF.
+    """
+    m = positive_int(m, "m")
+    cdf = weights.cumsum(0)
+    offset = torch.rand(1, generator=generator, dtype=cdf.dtype, device=cdf.device)
+    u = (offset + torch.arange(m, device=cdf.device)) / m
+    return torch.searchsorted(cdf, u * cdf[-1]).clamp_max(weights.shape[0] - 1)
+
+
+def check_options(event_shape: tuple[int, ...], *, steps: int = 8) -> ODEOptions:
+    """The `ODEOptions` a check uses for a ScorePrior on images of event_shape: Hutchinson with two sets of
+    coloured probes on (C, H, W) images (8 C probes; 8 Rademacher probes otherwise), whose spread gives
+    each draw's standard error, and `steps` Runge-Kutta steps of the Gaussian-base solver where there is one."""
+    if len(event_shape) == 3:
+        return ODEOptions(divergence="hutchinson", probe="colored", n_probes=2 * probe_set_size("colored", event_shape),
+                          steps=steps, rtol=1e-4, atol=1e-4)
+    return ODEOptions(divergence="hutchinson", n_probes=8, steps=steps, rtol=1e-4, atol=1e-4)
+
+
+def _khat_se(log_w: Tensor, generator: torch.Generator | None) -> float | None:
+    """Bootstrap standard error of k̂ from raw log weights (n,) (KHAT_BOOTSTRAP resamples; None when fewer than
+    half of them give a finite k̂)."""
+    n = log_w.shape[0]
+    idx = torch.randint(0, n, (KHAT_BOOTSTRAP, n), generator=generator,
+                        device=generator.device if generator is not None else "cpu").to(log_w.device)
+    # A resample's k̂ is not finite where its tail degenerates: its largest weights tie (-inf), or they differ
+    # by round-off only and the Pareto fit fails (inf). Such resamples carry no spread; at least half must not.
+    values = [_smooth(log_w[row])[1] for row in idx]
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.std(finite, ddof=1)) if len(finite) >= max(2, len(values) // 2) else None
 
 
 def _psislw():
@@ -203,6 +260,38 @@ def _batched(fn, x: Tensor, batch_size: int, bar, name: str, **kwargs: Any) -> T
     return lp
 
 
+def _prior_log_prob(prior: Prior, x: Tensor, batch_size: int, bar, kwargs: dict) -> tuple[Tensor, Tensor | None]:
+    """log p (n,) float64 of a prior in batches, with the per-draw standard errors a ScorePrior's solver reports
+    (None when it reports none); kwargs go to prior.log_prob (return_stats=True marks a ScorePrior)."""
+    if not kwargs.get("return_stats"):
+        return _batched(prior.log_prob, x, batch_size, bar, "prior", **kwargs), None
+    errors = []
+
+    def log_prob(xb: Tensor, **options: Any) -> Tensor:
+        value, stats = prior.log_prob(xb, **options)
+        errors.append(stats.get("log_prob_se"))
+        return value
+
+    value = _batched(log_prob, x, batch_size, bar, "prior", **kwargs)
+    if any(e is None for e in errors):
+        return value, None
+    return value, torch.cat(errors).to(torch.float64)
+
+
+def _noise(log_p: Tensor, errors: list[Tensor | None]) -> Tensor:
+    """Per-draw standard error of the mean of the runs log_p (reps, n): from the solver's own standard errors
+    when every run has them, else from the spread of the runs (nan with one run); 0 where log p = -inf."""
+    reps = log_p.shape[0]
+    inside = torch.isfinite(log_p).all(0)
+    if all(e is not None for e in errors):
+        se = torch.stack(errors).square().mean(0).sqrt() / math.sqrt(reps)
+    elif reps == 1:
+        return torch.full_like(log_p[0], math.nan)
+    else:
+        se = log_p.std(0) / math.sqrt(reps)
+    return torch.where(inside, se.to(log_p), torch.zeros_like(log_p[0]))
+
+
 def _smooth(log_w: Tensor) -> tuple[Tensor, float]:
     """PSIS-smoothed normalised log weights (n,) and k̂ from raw log weights (n,) float64."""
     psislw = _psislw()
@@ -223,6 +312,53 @@ def _smooth(log_w: Tensor) -> tuple[Tensor, float]:
     return torch.from_numpy(smoothed).to(log_w.device), float(khat)
 
 
+def weigh_draws(
+    samples: Tensor,
+    log_q: Tensor,
+    prior: Prior,
+    likelihood: Likelihood,
+    *,
+    log_prob_kwargs: dict[str, Any] | None = None,
+    repeats: int = 1,
+    batch_size: int = 64,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Raw log weights log p(y | x) + log p_theta(x) - log q(x) of draws `samples` (n, *image_shape) with their
+    log q (n,), and each one's standard error from the noise of log p: two (n,) float64 tensors on samples'
+    device. Arguments as `importance_draws` (which validates them); evaluated under no_grad in batches.
+    """
+    repeats = positive_int(repeats, "repeats")
+    batch_size = positive_int(batch_size, "batch_size")
+    kwargs = dict(log_prob_kwargs or {})
+    score_prior = isinstance(prior, ScorePrior)
+    if score_prior:
+        legacy = {key: kwargs.pop(key) for key in ODEOptions.names() if key in kwargs}
+        # old-style keys replaced the defaults entirely: they start from ODEOptions(), not from check_options
+        default = ODEOptions() if legacy else check_options(tuple(samples.shape[1:]))
+        options = merge_deprecated(kwargs.get("options") or default, legacy, stacklevel=3, where="log_prob_kwargs")
+        kwargs["options"] = options = prior.resolve(options, samples)
+        kwargs["return_stats"] = True
+    noisy = score_prior and options.divergence == "hutchinson"
+    x = samples.detach()
+    n = x.shape[0]
+    with torch.no_grad(), tqdm(total=n * (repeats + 1), desc="importance", disable=not progress) as bar:
+        log_lik = _batched(likelihood.log_prob, x, batch_size, bar, "likelihood")
+        runs, errors = [], []
+        for _ in range(repeats if noisy else 1):
+            if noisy:
+                seed = int(torch.randint(0, 2**62, (1,), generator=generator,
+                                         device=generator.device if generator is not None else "cpu"))
+                kwargs["generator"] = torch.Generator(device=x.device).manual_seed(seed)
+            value, se = _prior_log_prob(prior, x, batch_size, bar, kwargs)
+            runs.append(value)
+            errors.append(se)
+    log_p = torch.stack(runs)  # (reps, n)
+    noise = _noise(log_p, errors) if noisy else torch.zeros(n, dtype=torch.float64)
+    raw = log_lik + log_p.mean(0) - log_q.detach().to(torch.float64)
+    return raw.to(x.device), noise.to(x.device)
+
+
 def importance_draws(
     samples: Tensor,
     log_q: Tensor | None,
@@ -230,7 +366,7 @@ def importance_draws(
     likelihood: Likelihood,
     *,
     log_prob_kwargs: dict[str, Any] | None = None,
-    repeats: int = 2,
+    repeats: int = 1,
     batch_size: int = 64,
     generator: torch.Generator | None = None,
     progress: bool = False,
@@ -238,10 +374,10 @@ def importance_draws(
     """PSIS check of precomputed draws `samples` (n, *image_shape) of q with their log q (n,) in nats.
 
     log w = log p(y | x) + log p_theta(x) - log q(x), smoothed by arviz-stats' psislw (n >= 25).
-    prior: a `Prior` (`scoreprior.protocols`); only `log_prob(x, **log_prob_kwargs) -> (B,)` is called, for a
-        ScorePrior with kwargs defaulting to SCORE_PRIOR_KWARGS. With divergence="hutchinson" it runs
-        `repeats` times, repeat r with its own probe generator seeded from `generator`, and the mean is used
-        (see the module docstring).
+    prior: a `Prior` (`scoreprior.protocols`); only `log_prob(x, **log_prob_kwargs) -> (B,)` is called. For a
+        ScorePrior the options default to {"options": check_options(image_shape)}; with a Hutchinson trace it
+        runs `repeats` times, repeat r with its own probe generator seeded from `generator`, and the mean is
+        used (see the module docstring for the noise).
     likelihood: a `Likelihood`; only `log_prob(x) -> (B,)` is called. Both run under no_grad in batches of
         `batch_size` draws.
     A draw with log p or log p(y | x) = -inf gets weight 0; NaN or +inf raises ValueError.
@@ -264,35 +400,9 @@ def importance_draws(
     if not bool(torch.isfinite(log_q).all()):
         raise ValueError(f"log_q: expected finite values, got {int((~torch.isfinite(log_q)).sum())} NaN or inf "
                          f"of {n}")
-    repeats = positive_int(repeats, "repeats")
-    batch_size = positive_int(batch_size, "batch_size")
-    if log_prob_kwargs is None:
-        log_prob_kwargs = SCORE_PRIOR_KWARGS if isinstance(prior, ScorePrior) else {}
-    kwargs = dict(log_prob_kwargs)
-    if isinstance(prior, ScorePrior) and kwargs.get("divergence", "auto") == "auto":
-        # resolved here as ScorePrior.log_prob resolves it, so that the noise rule below sees the method
-        kwargs["divergence"] = "exact" if samples[0].numel() <= EXACT_MAX_DIM else "hutchinson"
-    noisy = kwargs.get("divergence") == "hutchinson"
-    reps = repeats if noisy else 1
+    raw, noise = weigh_draws(samples, log_q, prior, likelihood, log_prob_kwargs=log_prob_kwargs, repeats=repeats,
+                             batch_size=batch_size, generator=generator, progress=progress)
     x = samples.detach()
-    with torch.no_grad(), tqdm(total=n * (reps + 1), desc="importance", disable=not progress) as bar:
-        log_lik = _batched(likelihood.log_prob, x, batch_size, bar, "likelihood")
-        runs = []
-        for r in range(reps):
-            if noisy:
-                seed = int(torch.randint(0, 2**62, (1,), generator=generator,
-                                         device=generator.device if generator is not None else "cpu"))
-                kwargs["generator"] = torch.Generator(device=x.device).manual_seed(seed)
-            runs.append(_batched(prior.log_prob, x, batch_size, bar, "prior", **kwargs))
-    log_p = torch.stack(runs)  # (reps, n)
-    if not noisy:
-        noise = torch.zeros(n, dtype=torch.float64)
-    elif reps == 1:
-        noise = torch.full((n,), math.nan, dtype=torch.float64)
-    else:
-        inside = torch.isfinite(log_p).all(0)
-        noise = torch.where(inside, log_p.std(0) / math.sqrt(reps), torch.zeros_like(log_p[0]))
-    raw = (log_lik + log_p.mean(0) - log_q.detach().to(torch.float64)).to(x.device)
     if not bool(torch.isfinite(raw).any()):
         raise ValueError(f"samples: all {n} draws have zero weight (log p or log p(y | x) = -inf)")
     log_w, khat = _smooth(raw)
@@ -300,10 +410,11 @@ def importance_draws(
     xd = x.to(torch.float64)
     mean = (w * xd).sum(0)
     std = (w * (xd - mean).square()).sum(0).sqrt()
+    khat_se = _khat_se(raw, generator) if math.isfinite(khat) else None
     check = PosteriorCheck(
         n=n, khat=khat, khat_threshold=threshold, samples=samples, ess=float(1.0 / log_w.exp().square().sum()),
-        log_weights=log_w, raw_log_weights=raw, log_prior_noise=noise.to(x.device),
-        mean=mean.to(x.dtype), std=std.to(x.dtype),
+        log_weights=log_w, raw_log_weights=raw, log_prior_noise=noise,
+        mean=mean.to(x.dtype), std=std.to(x.dtype), khat_se=khat_se,
     )
     if not check.reliable:
         warnings.warn(check.verdict, UserWarning, stacklevel=2)
@@ -317,7 +428,7 @@ def check_posterior(
     *,
     n: int = 256,
     log_prob_kwargs: dict[str, Any] | None = None,
-    repeats: int = 2,
+    repeats: int = 1,
     batch_size: int = 64,
     generator: torch.Generator | None = None,
     progress: bool = False,

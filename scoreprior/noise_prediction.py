@@ -89,7 +89,7 @@ class GaussianResidualNet(nn.Module):
 
     def gaussian(self) -> GaussianPrior:
         """The base Gaussian N(mean, V diag(eigvals) V^T), float64 on the CPU: the natural control variate of
-        the model's log-density (`ScorePrior(control_variate=...)`, set by `load_prior` and `load_pretrained`)."""
+        the model's log-density (`ScorePrior(gaussian_base=...)`, set by `load_prior` and `load_pretrained`)."""
         vecs = self.eigvecs.detach().double().cpu()
         return GaussianPrior(self.mean.detach().double().cpu(), (vecs * self.eigvals.double().cpu()) @ vecs.mT)
 

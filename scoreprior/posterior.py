@@ -26,9 +26,11 @@ draws they end within 3 % of the exact mean (in posterior stds) and 0-3 % of its
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,6 +138,25 @@ class FitConfig:
         if self.schedule == "constant":
             return self.lr
         return 0.5 * self.lr * (1.0 + math.cos(math.pi * (step - self.warmup) / max(1, self.steps - self.warmup)))
+
+
+def _with_deprecated_options(config: FitConfig | None, deprecated: dict) -> FitConfig:
+    """`config` (default FitConfig()) with the options given the old way, as keyword arguments of `DPI.fit`, and a
+    DeprecationWarning that shows the FitConfig call; TypeError for unknown keywords."""
+    config = FitConfig() if config is None else config
+    if not isinstance(config, FitConfig):
+        raise TypeError(f"config: expected a scoreprior.FitConfig, got {type(config).__name__}")
+    if not deprecated:
+        return config
+    names = [f.name for f in dataclasses.fields(FitConfig)]
+    unknown = sorted(set(deprecated) - set(names))
+    if unknown:
+        raise TypeError(f"DPI.fit() got unexpected keyword arguments {unknown}; fit options go in "
+                        f"FitConfig({', '.join(names)})")
+    call = ", ".join(f"{key}={value!r}" for key, value in deprecated.items())
+    warnings.warn(f"dpi.fit(prior, likelihood, {call}) is deprecated: use dpi.fit(prior, likelihood, "
+                  f"FitConfig({call}))", DeprecationWarning, stacklevel=3)
+    return dataclasses.replace(config, **deprecated)
 
 
 def _advice(config: FitConfig) -> str:
@@ -406,6 +427,7 @@ class DPI(nn.Module):
         checkpoint: str | os.PathLike | None = None,
         resume: bool = True,
         progress: bool = True,
+        **deprecated,
     ) -> dict[str, list[float]]:
         """Train q_phi by minimising the reverse KL to p(x | y) ∝ p(y | x) p(x) with Adam (`scoreprior.optim`).
 
@@ -420,7 +442,9 @@ class DPI(nn.Module):
         likelihood: a `Likelihood`, `log_prob(x) -> (B,)`; `likelihood.validate(image_shape)` is called first
             (e.g. GaussianLikelihood checks y against A).
         config: the optimisation options, a `FitConfig` (steps, batch size, learning-rate schedule,
-            clipping, loss weights, path gradient, checkpoint and skip settings); default FitConfig().
+            clipping, loss weights, path gradient, checkpoint and skip settings); default FitConfig(). They were
+            keyword arguments before (dpi.fit(prior, lik, steps=4000, lr=1e-3)); that still works, with a
+            DeprecationWarning that shows the FitConfig call.
         prior_kwargs: keyword arguments for every `prior.log_prob` call, e.g. for a ScorePrior
             dict(divergence="hutchinson", n_probes=1, adjoint=True, rtol=1e-3, atol=1e-3) (Feng et al.'s
             training set-up). When `prior.log_prob` takes a `generator` keyword (SurrogatePrior's times and
@@ -445,9 +469,7 @@ class DPI(nn.Module):
         loss, nll, neg_log_prior, log_q, flux_penalty (batch means; NaN where not computed) and
         skipped (0 or 1).
         """
-        config = FitConfig() if config is None else config
-        if not isinstance(config, FitConfig):
-            raise TypeError(f"config: expected a scoreprior.FitConfig, got {type(config).__name__}")
+        config = _with_deprecated_options(config, deprecated)
         implements(prior, "prior", Prior)
         implements(likelihood, "likelihood", Likelihood)
         if prior.event_shape is not None and tuple(prior.event_shape) != self.image_shape:

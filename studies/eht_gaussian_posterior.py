@@ -62,13 +62,14 @@ from scoreprior.posterior import DPI, FitConfig
 from scoreprior.priors import GaussianPrior, gaussian_posterior
 from scoreprior.scores import GaussianScore
 from scoreprior.sde import VPSDE
+from scoreprior.solver_options import ODEOptions
 from scoreprior.surrogate import SurrogatePrior
 
 T0 = 1e-3
 N_MOMENT_IMAGES = 8000
 N_REFERENCE_DRAWS = 256
 FLOWS = {"plain": {"lr": 3e-3}, "reference": {"lr": 1e-3}}
-EXACT_KWARGS = dict(divergence="hutchinson", n_probes=1, adjoint=True, rtol=1e-3, atol=1e-3)
+EXACT_OPTIONS = ODEOptions(divergence="hutchinson", n_probes=1, adjoint=True, rtol=1e-3, atol=1e-3)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -127,7 +128,7 @@ def make_reference(problem: dict, seed: int) -> GaussianPrior:
 
 
 def fit_prior(name: str, problem: dict):
-    """The prior DPI trains with, and its log_prob keyword arguments."""
+    """The prior DPI trains with, and its `DPI.fit` prior_kwargs."""
     sde, score = problem["sde"], problem["score"]
     if name == "gaussian":
         prior = problem["prior"]
@@ -138,7 +139,7 @@ def fit_prior(name: str, problem: dict):
 
     shape = tuple(problem["truth"].shape)
     if name == "exact":
-        return ScorePrior(score, sde, t0=T0, terminal_log_prob=terminal, event_shape=shape), dict(EXACT_KWARGS)
+        return ScorePrior(score, sde, t0=T0, terminal_log_prob=terminal, event_shape=shape), {"options": EXACT_OPTIONS}
     return SurrogatePrior(score, sde, t0=T0, terminal_log_prob=terminal, event_shape=shape,
                           n_time_samples=int(name.split("-")[1])), None
 

@@ -37,6 +37,7 @@ import math
 import platform
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -50,6 +51,7 @@ from scoreprior.posterior import DPI, FitConfig
 from scoreprior.priors import GaussianPrior, gaussian_posterior
 from scoreprior.scores import GaussianScore
 from scoreprior.sde import VPSDE
+from scoreprior.solver_options import ODEOptions
 from scoreprior.surrogate import SurrogatePrior
 
 PRIORS = ("gaussian", "surrogate", "exact")
@@ -58,7 +60,7 @@ LENGTH_SCALE = (1.5, 3.0)
 FIELD_SCALE = 0.3
 NOISE = 0.5
 T0 = 1e-3
-EXACT_KWARGS = dict(divergence="hutchinson", n_probes=1, adjoint=True, rtol=1e-3, atol=1e-3)
+EXACT_OPTIONS = ODEOptions(divergence="hutchinson", n_probes=1, adjoint=True, rtol=1e-3, atol=1e-3)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -108,7 +110,7 @@ def make_problem(size: int, k: int, seed: int):
 
 
 def make_prior(name: str, prior: GaussianPrior, surrogate_time_samples: int = 1):
-    """The DPI prior and the log_prob keyword arguments used in training."""
+    """The DPI prior and the log_prob options used in training (None: the prior takes none)."""
     if name == "gaussian":
         return prior, None
     sde = VPSDE()
@@ -118,7 +120,7 @@ def make_prior(name: str, prior: GaussianPrior, surrogate_time_samples: int = 1)
         return score.log_prob_t(x, sde.T)
 
     if name == "exact":
-        return ScorePrior(score, sde, t0=T0, terminal_log_prob=terminal), dict(EXACT_KWARGS)
+        return ScorePrior(score, sde, t0=T0, terminal_log_prob=terminal), EXACT_OPTIONS
     return SurrogatePrior(score, sde, t0=T0, terminal_log_prob=terminal, n_time_samples=surrogate_time_samples), None
 
 
@@ -131,18 +133,19 @@ def errors(m, s, post_mean, post_std) -> dict[str, float]:
 
 def run_one(name, prior, likelihood, post_mean, post_std, args):
     steps, batch = ((args.exact_steps, args.exact_batch_size) if name == "exact" else (args.steps, args.batch_size))
-    fit_prior, prior_kwargs = make_prior(name, prior, args.surrogate_time_samples)
+    fit_prior, options = make_prior(name, prior, args.surrogate_time_samples)
     dpi = DPI((1, args.size, args.size), n_flows=8, hidden=128, init_scale=0.1, seed=args.seed)
     start = time.perf_counter()
     config = FitConfig(steps=steps, batch_size=batch, lr=1e-2, warmup=min(100, steps // 10))
+    prior_kwargs = None if options is None else {"options": options}
     history = dpi.fit(fit_prior, likelihood, config, prior_kwargs=prior_kwargs, progress=False)
     seconds = time.perf_counter() - start
     m, s = dpi.posterior_stats(n=args.n_draws, batch_size=1024, generator=torch.Generator().manual_seed(99))
     result = {"steps": steps, "batch_size": batch, "seconds": seconds, "seconds_per_step": seconds / steps,
               "skipped_steps": int(sum(history["skipped"])), "final_loss": history["loss"][-1],
               **errors(m, s, post_mean, post_std)}
-    if prior_kwargs:
-        result["prior_kwargs"] = prior_kwargs
+    if options is not None:
+        result["ode_options"] = asdict(options)
     print(f"{name:>9}: {steps:5d} steps x batch {batch:3d}, {seconds:7.1f} s ({seconds / steps:.3f} s/step); "
           f"mean {result['mean_rel']:.2%} rel, {result['mean_z']:.3f} post. stds RMS; std {result['std_rel']:.2%} rel",
           flush=True)

@@ -59,6 +59,7 @@ from scoreprior.plots import logprob_scatter
 from scoreprior.pretrained import available_priors, load_pretrained, pretrained
 from scoreprior.priors import GaussianPrior
 from scoreprior.scores import GaussianScore
+from scoreprior.solver_options import ODEOptions
 
 PRIOR = "gaussian-16"
 T0 = 1e-3
@@ -140,7 +141,7 @@ def load_problem(prior_file: Path | None, control_variate: bool) -> tuple[ScoreP
         train = builtin_dataset("pca-gaussian", 20000, size=SIZE, generator=torch.Generator().manual_seed(0))
         gaussian = GaussianPrior.fit(train, floor=CONTROL_FLOOR)
         prior = ScorePrior(prior.score, prior.sde, t0=T0, event_shape=prior.event_shape, data_range=prior.data_range,
-                           control_variate=gaussian)
+                           gaussian_base=gaussian)
         info["control_variate"] = f"GaussianPrior.fit(20,000 training draws, floor={CONTROL_FLOOR})"
     return prior, GaussianScore(mean, cov, prior.sde), info
 
@@ -154,7 +155,7 @@ class Problem:
     exact_score: ScorePrior  # the same ODE with the exact score: the solver check
     sets: dict[str, Tensor]  # images by set, float64 (n, 1, 16, 16)
     info: dict  # provenance of the prior and the truth
-    ode: dict  # solver tolerances for log_prob
+    ode: ODEOptions  # the adaptive solver at the study's tolerances
     generator: torch.Generator  # Hutchinson probes
     load_start: tuple[float, float, float]
 
@@ -165,7 +166,8 @@ def setup(args: argparse.Namespace) -> Problem:
     args.out.mkdir(parents=True, exist_ok=True)
     prior, truth, info = load_problem(args.prior_file, args.control_variate)
     sets = image_sets(truth, args.n_in, args.n_ood, args.n_flat, args.seed)
-    return Problem(prior, truth, ScorePrior(truth, prior.sde, t0=T0), sets, info, dict(rtol=args.tol, atol=args.tol),
+    return Problem(prior, truth, ScorePrior(truth, prior.sde, t0=T0), sets, info,
+                   ODEOptions(solver="adaptive", rtol=args.tol, atol=args.tol),
                    torch.Generator().manual_seed(args.seed + 1), load_start)
 
 
@@ -191,12 +193,13 @@ def image_sets(truth: GaussianScore, n_in: int, n_ood: int, n_flat: int, seed: i
     return {name: x.double() for name, x in sets.items()}
 
 
-def batched_log_prob(prior: ScorePrior, x: Tensor, **kwargs) -> tuple[Tensor, int]:
+def batched_log_prob(prior: ScorePrior, x: Tensor, options: ODEOptions,
+                     generator: torch.Generator | None = None) -> tuple[Tensor, int]:
     """log p of x (n, ...) by batches of BATCH, under no_grad. Returns (n,) and the ODE evaluations in all."""
     out, nfe = [], 0
     with torch.no_grad():
         for xb in x.split(BATCH):
-            lp, stats = prior.log_prob(xb, return_stats=True, **kwargs)
+            lp, stats = prior.log_prob(xb, options, generator=generator, return_stats=True)
             out.append(lp)
             nfe += stats["nfe"]
     return torch.cat(out), nfe
@@ -208,15 +211,15 @@ def offsets(net: Tensor, true: Tensor) -> dict[str, float]:
             "offset_mean": diff.mean().item(), "offset_std": diff.std().item() if len(diff) > 1 else 0.0}
 
 
-def estimator_noise(prior: ScorePrior, x: Tensor, true: Tensor, args: argparse.Namespace, ode: dict) -> dict:
+def estimator_noise(prior: ScorePrior, x: Tensor, true: Tensor, args: argparse.Namespace, ode: ODEOptions) -> dict:
     """Exact-divergence log p of x and `args.repeats` Hutchinson solves with independent probes."""
     start = time.perf_counter()
-    exact, nfe_exact = batched_log_prob(prior, x, divergence="exact", **ode)
+    exact, nfe_exact = batched_log_prob(prior, x, ode.replace(divergence="exact"))
     seconds_exact = time.perf_counter() - start
     g = torch.Generator().manual_seed(args.seed + 2)
     start = time.perf_counter()
-    hutchinson = dict(divergence="hutchinson", n_probes=args.probes, generator=g, **ode)
-    hutch = torch.stack([batched_log_prob(prior, x, **hutchinson)[0] for _ in range(args.repeats)])  # (repeats, n)
+    hutchinson = ode.replace(divergence="hutchinson", n_probes=args.probes)
+    hutch = torch.stack([batched_log_prob(prior, x, hutchinson, g)[0] for _ in range(args.repeats)])  # (repeats, n)
     seconds_hutch = (time.perf_counter() - start) / args.repeats
     sigma = hutch.std(0).pow(2).mean().sqrt().item() if args.repeats > 1 else float("nan")
     return {"n_images": len(x), "repeats": args.repeats, "n_probes": args.probes,
@@ -263,10 +266,10 @@ def main(argv: list[str] | None = None) -> dict:
     net, solver_error, seconds, nfe = {}, {}, {}, {}
     for name, x in sets.items():
         start = time.perf_counter()
-        net[name], nfe[name] = batched_log_prob(prior, x, divergence="hutchinson", n_probes=args.probes,
-                                                generator=pb.generator, **pb.ode)
+        net[name], nfe[name] = batched_log_prob(prior, x, pb.ode.replace(divergence="hutchinson", n_probes=args.probes),
+                                                pb.generator)
         seconds[name] = time.perf_counter() - start
-        exact_score_logp, _ = batched_log_prob(pb.exact_score, x, divergence="exact", **pb.ode)
+        exact_score_logp, _ = batched_log_prob(pb.exact_score, x, pb.ode.replace(divergence="exact"))
         solver_error[name] = (exact_score_logp - true[name]).abs().max().item()
         print(f"{name:>15}: {len(x):3d} images, {seconds[name]:6.1f} s; true log p {true[name].mean().item():10.1f}, "
               f"network - true {(net[name] - true[name]).mean().item():+9.1f} nats (mean)", flush=True)

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from logprob_gaussian import BATCH, COLORS, OOD_SETS, PRIOR, T0, machine, parse_study_args, setup, study_parser
 from scoreprior.density import ScorePrior
+from scoreprior.solver_options import ODEOptions
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,12 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parse_study_args(p, argv, defaults)
 
 
-def ode_gradient(prior: ScorePrior, x: Tensor, **kwargs) -> Tensor:
+def ode_gradient(prior: ScorePrior, x: Tensor, options: ODEOptions, generator: torch.Generator | None = None) -> Tensor:
     """grad_x log p(x) through the probability-flow ODE (continuous adjoint), by batches. x (n, ...) -> (n, ...)"""
+    options = options.replace(adjoint=True)
     grads = []
     for xb in x.split(BATCH):
         xb = xb.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(prior.log_prob(xb, adjoint=True, **kwargs).sum(), xb)
+        (g,) = torch.autograd.grad(prior.log_prob(xb, options, generator=generator).sum(), xb)
         grads.append(g)
     return torch.cat(grads)
 
@@ -100,16 +102,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     pb = setup(args)
     prior, truth, sets = pb.prior, pb.truth, pb.sets
-    hutchinson = dict(divergence="hutchinson", n_probes=args.probes, generator=pb.generator, **pb.ode)
+    hutchinson = pb.ode.replace(divergence="hutchinson", n_probes=args.probes)
     results, cos_ode, cos_score, seconds = {}, {}, {}, {}
     for name, x in sets.items():
         true = truth(x, T0)
         start = time.perf_counter()
-        grad_ode = ode_gradient(prior, x, **hutchinson)
+        grad_ode = ode_gradient(prior, x, hutchinson, pb.generator)
         seconds[name] = time.perf_counter() - start
         with torch.no_grad():
             score = prior.score(x, torch.full((len(x),), T0, dtype=x.dtype))
-        control = ode_gradient(pb.exact_score, x, divergence="exact", **pb.ode)
+        control = ode_gradient(pb.exact_score, x, pb.ode.replace(divergence="exact"))
         cos_ode[name], cos_score[name] = cosine(grad_ode, true), cosine(score, true)
         results[name] = {
             "n": len(x),
@@ -126,9 +128,10 @@ def main(argv: list[str] | None = None) -> dict:
               flush=True)
     x = sets["in-distribution"][:args.check_images]
     start = time.perf_counter()
-    exact = ode_gradient(prior, x, divergence="exact", **pb.ode)
+    exact = ode_gradient(prior, x, pb.ode.replace(divergence="exact"))
     seconds["check_exact_divergence"] = time.perf_counter() - start
-    repeats = torch.stack([cosine(ode_gradient(prior, x, **hutchinson), exact) for _ in range(args.repeats)])
+    repeats = torch.stack([cosine(ode_gradient(prior, x, hutchinson, pb.generator), exact)
+                           for _ in range(args.repeats)])
     check = {"n_images": len(x), "repeats": args.repeats, "n_probes": args.probes,
              "cos_exact_divergence_vs_true": cosine(exact, truth(x, T0)).tolist(),
              "cos_hutchinson_vs_exact_divergence": repeats.T.tolist(),

@@ -53,6 +53,7 @@ from scoreprior.pretrained import PRETRAINED_DIR, load_pretrained, record_metada
 from scoreprior.priors import GaussianPrior  # noqa: E402
 from scoreprior.samplers import Run, sample_prior  # noqa: E402
 from scoreprior.scores import GaussianScore  # noqa: E402
+from scoreprior.solver_options import ODEOptions  # noqa: E402
 
 T0 = 1e-5
 SAMPLE_T0 = 1e-3
@@ -129,12 +130,12 @@ def measure(name: str, path: Path, args: argparse.Namespace) -> tuple[dict, dict
     floor = validated_floor(train)
     gaussian = GaussianPrior.fit(train, floor=floor)
     prior = load_pretrained(path, t0=T0)
-    learned = ScorePrior(prior.score, prior.sde, t0=T0, event_shape=prior.event_shape, control_variate=gaussian)
+    learned = ScorePrior(prior.score, prior.sde, t0=T0, event_shape=prior.event_shape, gaussian_base=gaussian)
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(args.seed + 2)
+    options = ODEOptions(solver="adaptive", divergence="hutchinson", n_probes=args.probes, rtol=args.tol, atol=args.tol)
     with torch.no_grad():
-        logp = torch.cat([learned.log_prob(x.double(), divergence="hutchinson", n_probes=args.probes,
-                                           rtol=args.tol, atol=args.tol, generator=gen).double()
+        logp = torch.cat([learned.log_prob(x.double(), options, generator=gen).double()
                           for x in test.split(args.batch)])
     out = {"file": str(path), "provenance": provenance, "test_set": TEST_SETS[spec.dataset], "n_train": int(train.shape[0]), "n_test": int(test.shape[0]),
            "d": d, "t0": T0, "divergence": f"hutchinson, {args.probes} Rademacher probes, Gaussian control variate",

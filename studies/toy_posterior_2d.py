@@ -31,6 +31,7 @@ import argparse
 import json
 import platform
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -44,6 +45,7 @@ from scoreprior.posterior import DPI, FitConfig
 from scoreprior.samplers import Run, daps, dps, pnp_dm, score_ald, sde_projection
 from scoreprior.scores import GaussianMixtureScore
 from scoreprior.sde import VPSDE
+from scoreprior.solver_options import ODEOptions
 
 WEIGHTS = (0.5, 0.3, 0.2)
 MEANS = ((-1.2, 0.0), (1.2, 0.1), (0.0, 1.8))
@@ -166,10 +168,11 @@ class _ClosedFormPrior:
         return self.score.log_prob_t(x, T0)
 
 
-def run_dpi(prior, likelihood, args, prior_kwargs: dict | None) -> tuple[Tensor, float]:
+def run_dpi(prior, likelihood, args, options: ODEOptions | None) -> tuple[Tensor, float]:
     dpi = DPI(SHAPE, n_flows=8, hidden=64, seed=args.seed, dtype=torch.float64)
     start = time.perf_counter()
     config = FitConfig(steps=args.dpi_steps, batch_size=128, lr=3e-3, warmup=min(100, args.dpi_steps // 10))
+    prior_kwargs = None if options is None else {"options": options}
     dpi.fit(prior, likelihood, config, prior_kwargs=prior_kwargs, progress=not args.quick)
     seconds = time.perf_counter() - start
     with torch.no_grad():
@@ -271,10 +274,10 @@ def main(argv: list[str] | None = None) -> dict:
         run = Run(t0=T0, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64, progress=False)
         x = sampler(score, sde, likelihood, args.n, SHAPE, run=run).reshape(args.n, 2)
         best[name] = (record(rows, name, None, None, x, p, boot, time.perf_counter() - start)["kl"], x)
-    kwargs = dict(divergence="exact", adjoint=True, rtol=1e-4, atol=1e-4)
+    options = ODEOptions(divergence="exact", adjoint=True, rtol=1e-4, atol=1e-4)
     x_dpi, dpi_row = None, {"kl": None}
     if not args.no_dpi:
-        x_dpi, seconds = run_dpi(ScorePrior(score, sde, t0=T0), likelihood, args, kwargs)
+        x_dpi, seconds = run_dpi(ScorePrior(score, sde, t0=T0), likelihood, args, options)
         dpi_row = record(rows, "dpi_exact", None, None, x_dpi, p, boot, seconds)
         x_closed, seconds = run_dpi(_ClosedFormPrior(score), likelihood, args, None)
         record(rows, "dpi_closed", None, None, x_closed, p, boot, seconds)
@@ -293,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
         "estimator": {"kind": "histogram", "bins": BINS, "domain": DOMAIN, "smoothing": "Jeffreys (+1/2)",
                       "error": f"bootstrap std over {BOOTSTRAP} resamples", "grid": GRID},
         "quick": args.quick, "seed": args.seed, "n": args.n, "steps": args.steps, "dpi_steps": args.dpi_steps,
-        "dpi_prior_kwargs": kwargs, "rows": rows, "best_kl": best_kl, "dpi_exact_kl": dpi_row["kl"],
+        "dpi_ode_options": asdict(options), "rows": rows, "best_kl": best_kl, "dpi_exact_kl": dpi_row["kl"],
         "dpi_beats_every_baseline_at_every_weight": None if dpi_row["kl"] is None else all(
             r["kl"] is None or r["kl"] > dpi_row["kl"] for r in rows if r["method"] in (*SWEEPS, *DEFAULTS)),
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "

@@ -62,6 +62,7 @@ from scoreprior.priors import GaussianPrior
 from scoreprior.samplers import Run, sample_prior
 from scoreprior.scores import GaussianScore
 from scoreprior.sde import VPSDE
+from scoreprior.solver_options import ODEOptions
 from scoreprior.noise_prediction import GaussianResidualNet
 from scoreprior.training import TrainConfig, train_score_model
 
@@ -205,10 +206,10 @@ def check_gaussian(path: Path, data: torch.Tensor, args: argparse.Namespace) -> 
     x = sample_gaussian(mean, cov, n, generator=torch.Generator().manual_seed(args.seed + 1))
     loaded = load_pretrained(path, t0=CHECK_T0)
     prior = ScorePrior(loaded.score, loaded.sde, t0=CHECK_T0, event_shape=loaded.event_shape,
-                       control_variate=GaussianPrior.fit(data, floor=1e-4))
+                       gaussian_base=GaussianPrior.fit(data, floor=1e-4))
     with torch.no_grad():
-        net_logp = prior.log_prob(x, divergence="hutchinson", n_probes=16, rtol=1e-3, atol=1e-3,
-                                  generator=torch.Generator().manual_seed(args.seed + 2))
+        options = ODEOptions(solver="adaptive", divergence="hutchinson", n_probes=16, rtol=1e-3, atol=1e-3)
+        net_logp = prior.log_prob(x, options, generator=torch.Generator().manual_seed(args.seed + 2))
     true_logp = truth.log_prob_t(x, CHECK_T0)
     r = float(np.corrcoef(net_logp.numpy(), true_logp.numpy())[0, 1])
     return {"n": n, "pearson_r": r, "r2_line_fit": r * r,

@@ -1,12 +1,19 @@
 """Shared test helpers: the SDEs, random SPD matrices for closed-form checks, and the imaging operators."""
 
-import math
+import os
 
-import numpy as np
-import pytest
-import torch
+# Before anything imports torch: OpenMP threads that spin while waiting made the suite 10x slower beside
+# another busy process (libgomp reads the policy once, when torch loads it). `import scoreprior` sets the
+# same default, but pytest may import torch first through another test module or plugin.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import scoreprior
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import scoreprior  # noqa: E402
 from scoreprior import operators
 
 

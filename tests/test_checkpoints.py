@@ -5,7 +5,7 @@ from scoreprior.checkpoints import (
     CHECKPOINT_FORMAT, atomic_save, check_weights, load_checkpoint, load_prior, prior_from_checkpoint,
     read_checkpoint_file, weights_sha256,
 )
-from scoreprior.density import ScorePrior
+from scoreprior.density import ODEOptions, ScorePrior
 from scoreprior.nets import MLP
 from scoreprior.noise_prediction import GaussianResidualNet, NoisePredictionScore
 from scoreprior.sde import VPSDE
@@ -53,20 +53,21 @@ def test_a_checkpoint_round_trip_rebuilds_the_same_prior(tmp_path):
     assert rebuilt.data_range == (0.0, 1.0) and rebuilt.event_shape == (4,)
     original = ScorePrior(NoisePredictionScore(net.eval(), sde, event_shape=(4,)), sde, t0=1e-3)
     x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    options = ODEOptions(rtol=1e-5, atol=1e-5)
     with torch.no_grad():
-        expected = original.log_prob(x, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(rebuilt.log_prob(x, rtol=1e-5, atol=1e-5), expected)
+        expected = original.log_prob(x, options)
+    torch.testing.assert_close(rebuilt.log_prob(x, options), expected)
     # no EMA given: the saved EMA weights are the net's, so load_prior gives the same prior
-    torch.testing.assert_close(load_prior(path, t0=1e-3).log_prob(x, rtol=1e-5, atol=1e-5), expected)
+    torch.testing.assert_close(load_prior(path, t0=1e-3).log_prob(x, options), expected)
 
 
-def test_prior_from_checkpoint_uses_a_gaussian_residual_net_s_base_as_control_variate(tmp_path):
+def test_prior_from_checkpoint_uses_a_gaussian_residual_net_s_base_as_gaussian_base(tmp_path):
     sde = VPSDE()
     images = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
     net = GaussianResidualNet.fit(tiny_net(), sde, images, floor=1e-3)
     checkpoint = load_checkpoint(save_checkpoint(tmp_path / "g.pt", net, sde, event_shape=(4,)))
     prior = prior_from_checkpoint(checkpoint, checkpoint["ema"]["shadow"])
-    torch.testing.assert_close(prior.control_variate.cov, net.gaussian().cov)
+    torch.testing.assert_close(prior.gaussian_base.cov, net.gaussian().cov)
 
 
 def test_tampered_weights_are_refused(tmp_path):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import scoreprior
 from scoreprior.cli import main
 from scoreprior.data import builtin_dataset
 from scoreprior.pretrained import available_priors
@@ -81,7 +82,7 @@ def test_quick_demo_writes_report_samples_and_metrics(tmp_path, capsys):
     assert metrics["observation"]["n_visibilities"] > 100 and len(metrics["observation"]["stations"]) == 7
     assert 0.0 <= metrics["posterior"]["coverage"]["fraction_of_pixels"] <= 1.0
     check = metrics["exact_check"]
-    assert check["n"] == metrics["config"]["n_checked"] >= 25
+    assert check["n"] == metrics["config"]["particles"] >= 25
     assert 0 < check["ess"] <= check["n"] and check["log_prior_noise_median"] > 0
     assert check["khat"] is None or check["khat"] == check["khat"]
     # the verdict follows k̂ and the noise, and is printed
@@ -89,8 +90,12 @@ def test_quick_demo_writes_report_samples_and_metrics(tmp_path, capsys):
     assert check["verdict"] in printed
     ring = metrics["posterior"]["ring_diameter_uas"]
     assert ring["posterior_eti95"][0] <= ring["posterior_mean"] <= ring["posterior_eti95"][1]
+    correction = metrics["correction"]  # the quick demo's SMC stops after 2 stages and says so
+    assert correction["method"] == "smc" and not correction["converged"] and "NOT converged" in printed
+    assert correction["particles"] == metrics["config"]["particles"]
+    assert metrics["flow_before_correction"]["coverage"]["level"] == 0.9
     tree = xarray.open_datatree(tmp_path / "samples.nc")
-    assert tree["posterior"]["x"].sizes["draw"] == metrics["config"]["n_samples"]
+    assert tree["posterior"]["x"].sizes["draw"] == metrics["config"]["particles"]
     assert tree["truth"]["x"].dims == ("channel", "row", "col")
     assert (tmp_path / "report.png").stat().st_size > 10_000
 
@@ -116,12 +121,19 @@ def test_posterior_fits_and_writes_samples_figure_and_history(tmp_path, capsys):
     history = json.loads((out / "history.json").read_text())
     assert len(history["loss"]) == 20
 
-    # --check weighs the draws with the exact ODE density and writes the verdict.
+    # --check weighs fresh draws with the exact ODE density, writes the verdict and, without SMC, resampled draws.
     assert main(["posterior", str(ckpt), "--operator", "blur:1", "--truth", str(tmp_path / "x.npy"),
-                 "--out", str(tmp_path / "c"), *fit[:-1], "32", "--check", "25", "--check-probes", "1"]) == 0
+                 "--out", str(tmp_path / "c"), *fit, "--check", "25", "--check-ode-steps", "1", "--no-correct"]) == 0
     check = json.loads((tmp_path / "c" / "check.json").read_text())
-    assert check["n"] == 25 and check["log_prior_noise_median"] > 0
-    assert check["verdict"] in capsys.readouterr().out
+    assert check["q_check"]["n"] == 25 and check["q_check"]["log_prior_noise_median"] > 0
+    assert check["method"] == "importance" and check["particles"] == 25
+    assert check["q_check"]["verdict"] in capsys.readouterr().out
+    assert np.load(tmp_path / "c" / "corrected.npz")["samples"].shape == (25, 1, 8, 8)
+    # --exact-steps continues the fit against the exact ODE density (the demo's second stage)
+    assert main(["posterior", str(ckpt), "--operator", "blur:1", "--truth", str(tmp_path / "x.npy"),
+                 "--out", str(tmp_path / "e"), *fit, "--exact-steps", "3", "--ode-steps", "1"]) == 0
+    assert "against the exact ODE density: 3 steps" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "e" / "history.json").read_text())["loss"]) == 23
     assert main(["posterior", str(ckpt), "--operator", "blur:1", "--truth", str(tmp_path / "x.npy"),
                  "--out", str(tmp_path / "d"), *fit, "--check", "24"]) == 2
     assert "--check" in capsys.readouterr().err
@@ -260,6 +272,13 @@ def test_the_package_sets_a_passive_openmp_wait_policy_unless_the_user_chose_one
     run = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
                          capture_output=True, text=True, timeout=300)
     assert run.stdout.strip() == "ACTIVE"
+    # torch first, no policy: its OpenMP runtime already spins, which is said once, with the fix
+    first = "import torch, scoreprior, scoreprior.cli"
+    run = subprocess.run([sys.executable, "-c", first], env=env, capture_output=True, text=True, timeout=300)
+    assert run.stderr.count("RuntimeWarning") == 1 and "export OMP_WAIT_POLICY=PASSIVE" in run.stderr
+    run = subprocess.run([sys.executable, "-c", first], env={**env, "OMP_WAIT_POLICY": "PASSIVE"},
+                         capture_output=True, text=True, timeout=300)
+    assert "RuntimeWarning" not in run.stderr
 
 
 UVFITS = (Path(os.environ.get("SCOREPRIOR_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -291,8 +310,14 @@ def test_posterior_images_real_closures(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "170 rows after averaging over 600 s, 173 closure quantities" in printed  # 22 scans: 97 + 76
     assert "reduced χ² of the draws" in printed
-    assert "over-confident" in printed and "--check N" in printed  # no verdict asked for: say what is at stake
+    assert "over-confident" in printed and "--check 128" in printed  # no verdict asked for: say what is at stake
     result = np.load(out / "samples.npz")
     assert result["samples"].shape == (8, 1, 32, 32) and np.isfinite(result["samples"]).all()
     assert result["reduced_chi2_closure_phase"].shape == result["reduced_chi2_log_closure_amplitude"].shape == (8,)
     assert (out / "posterior.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"scoreprior {scoreprior.__version__}"

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import scoreprior
-from scoreprior.density import ScorePrior, bits_per_dim
+from scoreprior.density import ODEOptions, ScorePrior, bits_per_dim
 from scoreprior.scores import GaussianMixtureScore, GaussianScore
 
 from scoreprior.data import gaussian_field, sample_gaussian
@@ -39,7 +39,7 @@ def test_exact_log_prob_matches_closed_form(name, size):
     model, prior, x = _gaussian_problem(SDES[name], *size)
     truth = model.log_prob_t(x, T0)
     for tol, bound in ((1e-5, 2e-3), (1e-7, 1e-4)):
-        logp = prior.log_prob(x, divergence="exact", rtol=tol, atol=tol)
+        logp = prior.log_prob(x, ODEOptions(divergence="exact", rtol=tol, atol=tol))
         assert logp.dtype == torch.float64
         assert (logp - truth).abs().max().item() < bound
 
@@ -55,7 +55,7 @@ def test_hutchinson_agrees_within_its_standard_error():
     model, prior, x = _gaussian_problem(SDES["vp"], 8, 8, n=2)
     truth = model.log_prob_t(x, T0)
     runs = torch.stack([
-        prior.log_prob(x, divergence="hutchinson", n_probes=8, rtol=1e-6, atol=1e-6,
+        prior.log_prob(x, ODEOptions(divergence="hutchinson", n_probes=8, rtol=1e-6, atol=1e-6),
                        generator=torch.Generator().manual_seed(k))
         for k in range(16)
     ])
@@ -67,7 +67,7 @@ def test_hutchinson_agrees_within_its_standard_error():
 def test_gaussian_probes_are_unbiased_too():
     model, prior, x = _gaussian_problem(SDES["subvp"], 4, 4, n=1)
     runs = torch.stack([
-        prior.log_prob(x, divergence="hutchinson", probe="gaussian", n_probes=16,
+        prior.log_prob(x, ODEOptions(divergence="hutchinson", probe="gaussian", n_probes=16),
                        generator=torch.Generator().manual_seed(k))
         for k in range(16)
     ])
@@ -77,10 +77,10 @@ def test_gaussian_probes_are_unbiased_too():
 
 def test_probes_are_reproducible_from_the_generator():
     _, prior, x = _gaussian_problem(SDES["vp"], 4, 4, n=2)
-    kw = dict(divergence="hutchinson", n_probes=2)
-    a = prior.log_prob(x, generator=torch.Generator().manual_seed(5), **kw)
-    b = prior.log_prob(x, generator=torch.Generator().manual_seed(5), **kw)
-    c = prior.log_prob(x, generator=torch.Generator().manual_seed(6), **kw)
+    options = ODEOptions(divergence="hutchinson", n_probes=2)
+    a = prior.log_prob(x, options, generator=torch.Generator().manual_seed(5))
+    b = prior.log_prob(x, options, generator=torch.Generator().manual_seed(5))
+    c = prior.log_prob(x, options, generator=torch.Generator().manual_seed(6))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -99,36 +99,39 @@ def _small_net_prior(dtype=torch.float64):
 def test_difference_and_autograd_products_agree():
     """Central differences against autograd VJPs, same probes: exact for a linear score, O(h^2) for a net."""
     model, prior, x = _gaussian_problem(SDES["vp"], 4, 4, n=2)
-    kw = dict(divergence="hutchinson", n_probes=3, rtol=1e-7, atol=1e-7)
-    a = prior.log_prob(x, jvp="autograd", generator=torch.Generator().manual_seed(1), **kw)
-    b = prior.log_prob(x, jvp="difference", generator=torch.Generator().manual_seed(1), **kw)
+    options = ODEOptions(divergence="hutchinson", n_probes=3, rtol=1e-7, atol=1e-7)
+    a = prior.log_prob(x, options.replace(jvp="autograd"), generator=torch.Generator().manual_seed(1))
+    b = prior.log_prob(x, options.replace(jvp="difference"), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(a, b, rtol=0, atol=1e-8)
     net_prior = _small_net_prior(torch.float32)
     x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
-    kw = dict(divergence="hutchinson", n_probes=2, rtol=1e-5, atol=1e-5)
-    a = net_prior.log_prob(x, jvp="autograd", generator=torch.Generator().manual_seed(1), **kw)
-    b = net_prior.log_prob(x, jvp="difference", generator=torch.Generator().manual_seed(1), **kw)
-    spread = net_prior.log_prob(x, jvp="autograd", generator=torch.Generator().manual_seed(2), **kw) - a
+    options = ODEOptions(divergence="hutchinson", n_probes=2, rtol=1e-5, atol=1e-5)
+    a = net_prior.log_prob(x, options.replace(jvp="autograd"), generator=torch.Generator().manual_seed(1))
+    b = net_prior.log_prob(x, options.replace(jvp="difference"), generator=torch.Generator().manual_seed(1))
+    spread = net_prior.log_prob(x, options.replace(jvp="autograd"), generator=torch.Generator().manual_seed(2)) - a
     assert (a - b).abs().max() < 0.05 * spread.abs().max()
     assert (a - b).abs().max() < 0.1
 
 
-def test_control_variate_of_the_data_gaussian_removes_the_noise():
-    """With the data's own Gaussian as control variate, one probe gives the exact trace: v^T (J - J_G) v = 0."""
+def test_adaptive_control_variate_of_the_data_gaussian_removes_the_noise():
+    """The adaptive solver with the data's own Gaussian as base (its control variate): one probe gives the exact
+    trace, v^T (J - J_G) v = 0."""
     model, prior, x = _gaussian_problem(SDES["vp"], 4, 4, n=2)
     cv = ScorePrior(model, SDES["vp"], t0=T0, terminal_log_prob=prior.terminal_log_prob,
-                    control_variate=scoreprior.GaussianPrior(model.mean, model.cov + 1e-9 * torch.eye(16, dtype=torch.float64)))
+                    gaussian_base=scoreprior.GaussianPrior(model.mean, model.cov + 1e-9 * torch.eye(16, dtype=torch.float64)))
     truth = model.log_prob_t(x, T0)
+    options = ODEOptions(solver="adaptive", divergence="hutchinson", rtol=1e-7, atol=1e-7)
     for seed in range(3):
-        logp = cv.log_prob(x, divergence="hutchinson", generator=torch.Generator().manual_seed(seed), rtol=1e-7, atol=1e-7)
+        logp, stats = cv.log_prob(x, options, generator=torch.Generator().manual_seed(seed), return_stats=True)
+        assert stats["solver"] == "adaptive"
         assert (logp - truth).abs().max() < 1e-4
-    plain = prior.log_prob(x, divergence="hutchinson", generator=torch.Generator().manual_seed(0), rtol=1e-7, atol=1e-7)
+    plain = prior.log_prob(x, options, generator=torch.Generator().manual_seed(0))
     assert (plain - truth).abs().max() > 1e-2
 
 
-def test_control_variate_stays_unbiased_for_other_data():
-    """A mixture's log p with a mismatched Gaussian control variate: mean over probes within 4 SE of the
-    exact trace, and a smaller spread than without it."""
+def test_adaptive_control_variate_stays_unbiased_for_other_data():
+    """The adaptive solver on a mixture's log p with a mismatched Gaussian base as control variate: mean over
+    probes within 4 SE of the exact trace, and a smaller spread than without it."""
     sde = SDES["vp"]
     d = 9
     means = torch.stack([torch.full((d,), -0.5), torch.full((d,), 0.6)]).double()
@@ -136,25 +139,25 @@ def test_control_variate_stays_unbiased_for_other_data():
     model = GaussianMixtureScore(torch.tensor([0.3, 0.7]), means, covs, sde)
     gauss = scoreprior.GaussianPrior(0.3 * means[0] + 0.7 * means[1], 0.5 * (covs[0] + covs[1]) + 0.2 * torch.eye(d, dtype=torch.float64))
     x = sample_gaussian(means[1], covs[1], 2, generator=torch.Generator().manual_seed(0))
-    exact = ScorePrior(model, sde, t0=T0).log_prob(x, divergence="exact", rtol=1e-7, atol=1e-7)
+    exact = ScorePrior(model, sde, t0=T0).log_prob(x, ODEOptions(divergence="exact", rtol=1e-7, atol=1e-7))
+    options = ODEOptions(solver="adaptive", divergence="hutchinson", rtol=1e-6, atol=1e-6)
     spreads = []
     for control in (None, gauss):
-        prior = ScorePrior(model, sde, t0=T0, control_variate=control)
-        runs = torch.stack([prior.log_prob(x, divergence="hutchinson", rtol=1e-6, atol=1e-6,
-                                           generator=torch.Generator().manual_seed(k)) for k in range(24)])
+        prior = ScorePrior(model, sde, t0=T0, gaussian_base=control)
+        runs = torch.stack([prior.log_prob(x, options, generator=torch.Generator().manual_seed(k)) for k in range(24)])
         se = runs.std(0) / math.sqrt(runs.shape[0])
         assert ((runs.mean(0) - exact).abs() < 4 * se + 1e-4).all()
         spreads.append(runs.std(0))
     assert (spreads[1] < spreads[0]).all()
 
 
-def test_control_variate_is_checked():
+def test_gaussian_base_is_checked():
     model, _, _ = _gaussian_problem(SDES["vp"], 4, 4)
-    with pytest.raises(TypeError, match="control_variate"):
-        ScorePrior(model, SDES["vp"], control_variate=(model.mean, model.cov))
+    with pytest.raises(TypeError, match="gaussian_base: expected a GaussianPrior"):
+        ScorePrior(model, SDES["vp"], gaussian_base=(model.mean, model.cov))
     other = scoreprior.GaussianPrior(torch.zeros(1, 3, 3, dtype=torch.float64), torch.eye(9, dtype=torch.float64))
-    with pytest.raises(ValueError, match="control_variate"):
-        ScorePrior(model, SDES["vp"], control_variate=other)
+    with pytest.raises(ValueError, match=r"gaussian_base: expected event shape \(1, 4, 4\), got \(1, 3, 3\)"):
+        ScorePrior(model, SDES["vp"], gaussian_base=other)
 
 
 @pytest.mark.parametrize("name", list(SDES))
@@ -163,7 +166,7 @@ def test_gradient_matches_closed_form(name, adjoint):
     model, prior, x = _gaussian_problem(SDES[name], 8, 8, n=2)
     for divergence in ("exact", "hutchinson"):
         xg = x.clone().requires_grad_()
-        logp, stats = prior.log_prob(xg, divergence=divergence, n_probes=4, adjoint=adjoint,
+        logp, stats = prior.log_prob(xg, ODEOptions(divergence=divergence, n_probes=4, adjoint=adjoint),
                                      generator=torch.Generator().manual_seed(0), return_stats=True)
         logp.sum().backward()
         assert _cosine(xg.grad, _true_grad(model, x)) > 0.999
@@ -177,7 +180,7 @@ def test_gradcheck_of_the_solve():
     x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
 
     def f(x):
-        return prior.log_prob(x, method="rk4", adjoint=False)
+        return prior.log_prob(x, ODEOptions(method="rk4", adjoint=False))
 
     assert torch.autograd.gradcheck(f, (x,))
 
@@ -197,7 +200,7 @@ def test_gaussian_mixture(name):
     assert (logp - truth).abs().max().item() < 2e-3
     for adjoint in (False, True):
         xg = x.clone().requires_grad_()
-        prior.log_prob(xg, adjoint=adjoint).sum().backward()
+        prior.log_prob(xg, ODEOptions(adjoint=adjoint)).sum().backward()
         assert _cosine(xg.grad, _true_grad(model, x)) > 0.999
 
 
@@ -246,7 +249,7 @@ def test_gradients_match_closed_form(w):
                         {"divergence": "hutchinson", "jvp": "difference"}):
             net = _Linear(w)
             xx = x.clone().requires_grad_()
-            ScorePrior(net, sde, t0=t0).log_prob(xx, adjoint=adjoint, **options).sum().backward()
+            ScorePrior(net, sde, t0=t0).log_prob(xx, ODEOptions(adjoint=adjoint, **options)).sum().backward()
             assert net.w.grad.item() == pytest.approx(expected_w, rel=1e-4)
             torch.testing.assert_close(xx.grad, -shrink * x, rtol=5e-3, atol=1e-8)
 
@@ -282,9 +285,15 @@ def test_bad_input():
         prior.log_prob(torch.zeros(2, 1, 4, 4, dtype=torch.long))
     for kw, name in (({"rtol": 0.0}, "rtol"), ({"atol": -1.0}, "atol"), ({"logp_atol": float("inf")}, "logp_atol"),
                      ({"divergence": "trace"}, "divergence"), ({"n_probes": 0}, "n_probes"),
-                     ({"probe": "normal"}, "probe"), ({"chunk_size": 0}, "chunk_size"), ({"jvp": "forward"}, "jvp")):
+                     ({"probe": "normal"}, "probe"), ({"chunk_size": 0}, "chunk_size"), ({"jvp": "forward"}, "jvp"),
+                     ({"solver": "euler"}, "solver"), ({"steps": 0}, "steps")):
         with pytest.raises(ValueError, match=name):
-            prior.log_prob(x, **kw)
+            ODEOptions(**kw)
+    for kw, name in (({"adjoint": "yes"}, "adjoint"), ({"fresh_probes": 1}, "fresh_probes"), ({"method": 4}, "method")):
+        with pytest.raises(TypeError, match=name):
+            ODEOptions(**kw)
+    with pytest.raises(TypeError, match="options: expected a scoreprior.ODEOptions, got dict"):
+        prior.log_prob(x, {"rtol": 1e-3})
     with pytest.raises(ValueError, match="t0"):
         ScorePrior(model, SDES["vp"], t0=0.0)
     with pytest.raises(TypeError, match="score"):
@@ -296,7 +305,7 @@ def test_bad_input():
 
 def test_exact_divergence_chunks_agree():
     _, prior, x = _gaussian_problem(SDES["vp"], 4, 4, n=2)
-    torch.testing.assert_close(prior.log_prob(x, chunk_size=3), prior.log_prob(x))
+    torch.testing.assert_close(prior.log_prob(x, ODEOptions(chunk_size=3)), prior.log_prob(x))
 
 
 def test_auto_divergence_is_exact_up_to_256_numbers_and_hutchinson_above():
@@ -306,10 +315,10 @@ def test_auto_divergence_is_exact_up_to_256_numbers_and_hutchinson_above():
     assert EXACT_MAX_DIM == 256
     for size, expected in ((16, "exact"), (17, "hutchinson")):
         model, prior, x = _gaussian_problem(SDES["vp"], size, size, n=1)
-        options = dict(rtol=1e-3, atol=1e-3, return_stats=True)
-        logp, stats = prior.log_prob(x, generator=torch.Generator().manual_seed(0), **options)
+        options = ODEOptions(rtol=1e-3, atol=1e-3)
+        logp, stats = prior.log_prob(x, options, generator=torch.Generator().manual_seed(0), return_stats=True)
         assert stats["divergence"] == expected
-        explicit, _ = prior.log_prob(x, divergence=expected, generator=torch.Generator().manual_seed(0), **options)
+        explicit = prior.log_prob(x, options.replace(divergence=expected), generator=torch.Generator().manual_seed(0))
         assert torch.equal(logp, explicit)
         assert (logp - model.log_prob_t(x, T0)).abs().item() < 5.0  # Hutchinson: one probe's noise
 
@@ -335,5 +344,65 @@ def test_progress_counts_the_function_evaluations(monkeypatch):
 
     monkeypatch.setattr(density, "tqdm", Bar)
     _, prior, x = _gaussian_problem(SDES["vp"], 4, 4, n=1)
-    _, stats = prior.log_prob(x, rtol=1e-3, atol=1e-3, return_stats=True, progress=True)
+    _, stats = prior.log_prob(x, ODEOptions(rtol=1e-3, atol=1e-3), return_stats=True, progress=True)
     assert len(bars) == 1 and not bars[0].disable and bars[0].n == stats["nfe"] > 0
+
+
+# --- the calls of the previous release: still working, with a DeprecationWarning that shows the new call -------
+
+
+@pytest.mark.parametrize("solver", ["adaptive", "gaussian"])
+def test_old_keyword_options_warn_and_give_the_new_call_s_value(solver):
+    """log_prob(x, divergence=..., n_probes=...) is log_prob(x, ODEOptions(...)): the same probes from the same
+    generator, on either solver (a prior without a base, and one with a base other than the data's Gaussian)."""
+    model, prior, x = _gaussian_problem(SDES["vp"], 4, 4, n=2)
+    if solver == "gaussian":
+        prior = ScorePrior(model, SDES["vp"], t0=T0, gaussian_base=scoreprior.GaussianPrior(model.mean, 2 * model.cov))
+    with pytest.warns(DeprecationWarning, match=r"use log_prob\(x, ODEOptions\(divergence='hutchinson', n_probes=2\)\)"):
+        old, stats = prior.log_prob(x, divergence="hutchinson", n_probes=2, generator=torch.Generator().manual_seed(3),
+                                    return_stats=True)
+    assert stats["solver"] == solver
+    options = ODEOptions(divergence="hutchinson", n_probes=2)
+    new = prior.log_prob(x, options, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(old, new)
+    assert not torch.equal(new, prior.log_prob(x, options, generator=torch.Generator().manual_seed(4)))
+    # Old keywords given beside options replace those fields.
+    with pytest.warns(DeprecationWarning, match="ODEOptions"):
+        mixed = prior.log_prob(x, ODEOptions(n_probes=2), divergence="hutchinson", generator=torch.Generator().manual_seed(3))
+    assert torch.equal(mixed, new)
+
+
+def test_unknown_keyword_is_a_type_error_naming_it():
+    _, prior, x = _gaussian_problem(SDES["vp"], 4, 4, n=1)
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['n_probe'\]"):
+        prior.log_prob(x, n_probe=2)
+    with pytest.raises(TypeError, match=r"\['tol'\]"):
+        prior.log_prob(x, divergence="exact", tol=1e-3)
+
+
+def test_control_variate_is_the_old_name_of_gaussian_base():
+    model, _, x = _gaussian_problem(SDES["vp"], 4, 4, n=2)
+    base = scoreprior.GaussianPrior(model.mean, 2 * model.cov)
+    with pytest.warns(DeprecationWarning, match=r"use ScorePrior\(gaussian_base=G\)"):
+        old = ScorePrior(model, SDES["vp"], t0=T0, control_variate=base)
+    new = ScorePrior(model, SDES["vp"], t0=T0, gaussian_base=base)
+    assert old.gaussian_base is base
+    options = ODEOptions(divergence="hutchinson", n_probes=2)
+    assert torch.equal(old.log_prob(x, options, generator=torch.Generator().manual_seed(0)),
+                       new.log_prob(x, options, generator=torch.Generator().manual_seed(0)))
+    with pytest.warns(DeprecationWarning, match=r"use ScorePrior\.gaussian_base"):
+        assert new.control_variate is base
+    with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="gaussian_base, control_variate: give one"):
+        ScorePrior(model, SDES["vp"], gaussian_base=base, control_variate=base)
+
+
+def test_deprecation_warnings_point_at_the_caller():
+    """Python's default filters show a DeprecationWarning only when it is attributed to code in __main__: a
+    script's old call must be named, not a frame inside scoreprior or above the caller."""
+    model, prior, x = _gaussian_problem(SDES["vp"], 4, 4, n=1)
+    with pytest.warns(DeprecationWarning) as record:
+        prior.log_prob(x, n_probes=2)
+        ScorePrior(model, SDES["vp"], control_variate=scoreprior.GaussianPrior(model.mean, model.cov)).control_variate
+    assert [(w.filename, str(w.message).split(' is ')[0]) for w in record] == [
+        (__file__, "log_prob(x, n_probes=2)"), (__file__, "ScorePrior(control_variate=G)"),
+        (__file__, "ScorePrior.control_variate")]

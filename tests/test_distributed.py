@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 
 from scoreprior.cli import _log_probs, main
 from scoreprior.data import gaussian_field, sample_gaussian
-from scoreprior.density import ScorePrior
+from scoreprior.density import ODEOptions, ScorePrior
 from scoreprior.distributed import (
     broadcast_from_rank0, gather_ordered, init_from_env, item_seed, map_sharded, rank_and_world, shard,
 )
@@ -279,7 +279,7 @@ def test_one_process_ddp_is_bitwise_the_plain_run(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------ log-density
 
-LOGP_OPTIONS = dict(batch_size=4, divergence="hutchinson", n_probes=2, rtol=1e-4, atol=1e-4)
+LOGP_OPTIONS = ODEOptions(divergence="hutchinson", n_probes=2, rtol=1e-4, atol=1e-4)
 
 
 def gaussian_prior_and_images(n=11):
@@ -292,13 +292,13 @@ def gaussian_prior_and_images(n=11):
 
 def _logp_worker(rank):
     prior, images = gaussian_prior_and_images()
-    return _log_probs(prior, images, desc=None, seed=3, **LOGP_OPTIONS)
+    return _log_probs(prior, images, batch_size=4, desc=None, seed=3, options=LOGP_OPTIONS)
 
 
 def test_sharded_log_probs_equal_the_single_process_ones(two_ranks, one_thread):
     # 11 images in batches of 4: batches (4, 4, 3), two on rank 0 and one on rank 1.
     prior, images = gaussian_prior_and_images()
-    logp, nfes = _log_probs(prior, images, desc=None, seed=3, **LOGP_OPTIONS)
+    logp, nfes = _log_probs(prior, images, batch_size=4, desc=None, seed=3, options=LOGP_OPTIONS)
     (logp0, nfes0), (logp1, nfes1) = (ends["logp"] for ends in two_ranks[1])
     assert logp.shape == (11,) and len(nfes) == 3
     assert torch.equal(logp0, logp) and nfes0 == nfes
@@ -308,10 +308,8 @@ def test_sharded_log_probs_equal_the_single_process_ones(two_ranks, one_thread):
 def test_log_probs_of_one_batch_use_the_seed_itself():
     """Per-batch seeding keeps the probes of a run that fits in one batch: generator seed = item_seed(seed, 0)."""
     prior, images = gaussian_prior_and_images(3)
-    options = dict(LOGP_OPTIONS, batch_size=3)
-    logp, _ = _log_probs(prior, images, desc=None, seed=3, **options)
-    del options["batch_size"]
-    torch.testing.assert_close(logp, prior.log_prob(images, generator=torch.Generator().manual_seed(3), **options),
+    logp, _ = _log_probs(prior, images, batch_size=3, desc=None, seed=3, options=LOGP_OPTIONS)
+    torch.testing.assert_close(logp, prior.log_prob(images, LOGP_OPTIONS, generator=torch.Generator().manual_seed(3)),
                                rtol=0, atol=0)
 
 

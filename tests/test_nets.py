@@ -82,6 +82,9 @@ def test_samples_are_independent(make, shape):
                 assert torch.equal(block, torch.zeros_like(block))
 
 
+# torch 2.13's forward-mode AD scripts its decompositions with torch.jit.script on first use, which warns
+# from inside torch; the filter keeps `-W error::DeprecationWarning` (the check of our own calls) usable.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("make, shape", [(tiny_unet, (2, 1, 4, 4)), (tiny_mlp, (2, 3))])
 def test_exact_trace_by_vmap_matches_full_jacobian(make, shape):
     net = make()

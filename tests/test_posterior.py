@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from scoreprior import eht
 from scoreprior.data import gaussian_field
-from scoreprior.density import ScorePrior
+from scoreprior.density import ODEOptions, ScorePrior
 from scoreprior.importance import check_posterior
 from scoreprior.likelihood import ClosureLikelihood, GaussianLikelihood
 from scoreprior.operators import FourierSubsample, GaussianBlur, Interferometer, uas_to_rad
@@ -634,7 +634,7 @@ def test_fit_with_a_hutchinson_score_prior_is_reproducible(small_problem):
     prior, likelihood, _, _ = small_problem
     sde = VPSDE()
     score_prior = ScorePrior(GaussianScore(prior.mean, prior.cov, sde), sde, t0=1e-3, event_shape=(1, 4, 4))
-    options = dict(divergence="hutchinson", rtol=1e-2, atol=1e-2)
+    options = {"options": ODEOptions(divergence="hutchinson", rtol=1e-2, atol=1e-2)}
     losses = []
     with torch.random.fork_rng(devices=[]):
         for global_seed in (1, 2):
@@ -712,3 +712,15 @@ def test_dpi_fits_a_closure_posterior_that_psis_accepts():
             generator=torch.Generator().manual_seed(1))
     check = check_posterior(dpi, prior, likelihood, n=512, generator=torch.Generator().manual_seed(2))
     assert check.khat < 0.7, check.verdict
+
+
+def test_the_old_keyword_fit_call_still_works_and_names_fitconfig(small_problem):
+    """dpi.fit(prior, lik, steps=..., batch_size=..., lr=...) was the documented call before FitConfig: it warns with
+    the new call and trains exactly as FitConfig does; an unknown keyword is a TypeError listing FitConfig's."""
+    prior, likelihood, _, _ = small_problem
+    old, new = DPI((1, 4, 4), n_flows=1, seed=3), DPI((1, 4, 4), n_flows=1, seed=3)
+    with pytest.warns(DeprecationWarning, match=r"FitConfig\(steps=4, batch_size=8, lr=0.01\)"):
+        history = old.fit(prior, likelihood, steps=4, batch_size=8, lr=1e-2, progress=False)
+    assert history == new.fit(prior, likelihood, FitConfig(steps=4, batch_size=8, lr=1e-2), progress=False)
+    with pytest.raises(TypeError, match="FitConfig"):
+        old.fit(prior, likelihood, stepz=4, progress=False)

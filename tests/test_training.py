@@ -7,7 +7,7 @@ from scipy import stats
 from torch import nn
 
 from scoreprior.data import gaussian_field, sample_gaussian
-from scoreprior.density import ScorePrior
+from scoreprior.density import ODEOptions, ScorePrior
 from scoreprior.nets import MLP, UNet, build_net
 from scoreprior.pretrained import export_pretrained, load_pretrained
 from scoreprior.priors import GaussianPrior
@@ -91,7 +91,7 @@ def test_noise_prediction_score_gives_exact_log_density():
     prior = ScorePrior(NoisePredictionScore(ExactNoisePredictor(truth), sde), sde, t0=1e-3,
                        terminal_log_prob=lambda x: truth.log_prob_t(x, 1.0))
     x = sample_gaussian(mean, cov, 4, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(prior.log_prob(x, rtol=1e-7, atol=1e-7), truth.log_prob_t(x, 1e-3),
+    torch.testing.assert_close(prior.log_prob(x, ODEOptions(rtol=1e-7, atol=1e-7)), truth.log_prob_t(x, 1e-3),
                                rtol=1e-4, atol=1e-4)
 
 
@@ -251,7 +251,7 @@ def test_load_prior_returns_the_ema_network_as_a_score_prior(tmp_path):
     raw = load_prior(path, use_ema=False)
     torch.testing.assert_close(raw.score(x, t), -net(x, t) / sde.marginal(t)[1][:, None])
 
-    logp = prior.log_prob(x, rtol=1e-4, atol=1e-4)
+    logp = prior.log_prob(x, ODEOptions(rtol=1e-4, atol=1e-4))
     assert logp.shape == (3,) and torch.isfinite(logp).all()
 
 
@@ -309,7 +309,7 @@ def test_unet_prior_on_gaussian_fields_ranks_log_densities():
     net.requires_grad_(False)
     t0 = 1e-3
     prior = ScorePrior(NoisePredictionScore(net, sde), sde, t0=t0)
-    logp = prior.log_prob(held_out, rtol=1e-3, atol=1e-3)
+    logp = prior.log_prob(held_out, ODEOptions(rtol=1e-3, atol=1e-3))
     true = GaussianScore(mean, cov, sde).log_prob_t(held_out.double(), t0)
     corr = np.corrcoef(logp.numpy(), true.numpy())[0, 1]
     assert corr > 0.5, corr
@@ -423,11 +423,11 @@ def test_gaussian_residual_net_rebuilds_from_its_config(tmp_path):
     prior = load_pretrained(export)
     assert prior.score.net.eigvecs.dtype == torch.float32
     assert prior.score.net.net.conv_out.weight.dtype == torch.float32
-    # The base Gaussian becomes the control variate of log p, whichever way the prior is loaded.
+    # The net's base Gaussian becomes the prior's gaussian_base (the base of log_prob's solver), however loaded.
     fitted = GaussianPrior.fit(images, floor=1e-3)
     x = torch.rand(4, 1, 4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     for loaded in (prior, load_prior(path)):
-        torch.testing.assert_close(loaded.control_variate.log_prob(x), fitted.log_prob(x), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(loaded.gaussian_base.log_prob(x), fitted.log_prob(x), rtol=1e-5, atol=1e-4)
 
 
 def test_learning_rate_schedules():
