@@ -23,6 +23,7 @@ import resource
 import statistics
 import time
 
+import scoreprior  # noqa: F401  (first: it sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP)
 import torch
 
 from common import write_json

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import scoreprior  # noqa: F401  (first: it sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP)
 import torch
 from scipy.integrate import solve_ivp
 

@@ -25,6 +25,7 @@ import copy
 import platform
 import time
 
+import scoreprior  # noqa: F401  (first: it sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP)
 import torch
 
 from common import write_json
@@ -88,17 +89,19 @@ def measure(name: str, t0: float, args: argparse.Namespace) -> list[dict]:
             r["time_vs_adaptive_default"] = r["seconds"] / baseline
             r["pareto"] = not any(o["nfe"] <= r["nfe"] and o["max_abs_error"] < r["max_abs_error"]
                                   and (o["nfe"], o["max_abs_error"]) != (r["nfe"], r["max_abs_error"]) for o in results)
+        print_table(results)  # each set as it finishes: a long run that is stopped keeps what it measured
         rows += results
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
+    """The rows as a table on stdout, flushed."""
     print(f"{'prior':<13} {'t0':>6} {'images':<12} {'solver':<14} {'setting':<18} {'NFE':>4} {'mean|err|':>10} "
           f"{'max|err|':>9} {'s':>6} {'t/adapt':>7} pareto")
     for r in rows:
         print(f"{r['prior']:<13} {r['t0']:>6g} {r['images']:<12} {r['solver']:<14} {r['setting']:<18} {r['nfe']:>4} "
               f"{r['mean_abs_error']:>10.3f} {r['max_abs_error']:>9.3f} {r['seconds']:>6.1f} "
-              f"{r['time_vs_adaptive_default']:>7.2f} {'*' if r['pareto'] else ''}")
+              f"{r['time_vs_adaptive_default']:>7.2f} {'*' if r['pareto'] else ''}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -121,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows += measure(name, float(t0), args)
     print(f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; reference: adaptive "
           "1e-6, same probe; float64 but where the setting says float32")
+    print("all sets:")
     print_table(rows)
     write_json(args.json, args, rows)
     return {"rows": rows}

@@ -23,6 +23,7 @@ import socket
 import tempfile
 import time
 
+import scoreprior  # noqa: F401  (first: it sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP)
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

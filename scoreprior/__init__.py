@@ -18,6 +18,33 @@ if "torch" in _sys.modules and "OMP_WAIT_POLICY" not in _os.environ:
                    "(docs/troubleshooting.md)", RuntimeWarning, stacklevel=2)
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+
+def _keep_freed_memory() -> None:
+    """Let glibc's malloc reuse freed tensor memory instead of returning it to the system at every free.
+
+    By default glibc serves blocks above 32 MB by mmap and unmaps them on free (and trims the heap's top
+    above 128 kB), so every log-density evaluation of a batch faulted its working memory in again, page by
+    page: on 2 cores a batch of 64 blackhole-32 log p (4 RK4 steps, 4 probes) took 62.7 s with 17 million
+    page faults, 62 s of it in the kernel, and 27.5 s with both thresholds at 1 GiB (0.2 million faults).
+    Freed memory up to 1 GiB stays with the process. Thresholds the user set (GLIBC_TUNABLES,
+    MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_) win; elsewhere than glibc this does nothing.
+    """
+    if not _sys.platform.startswith("linux") or any(
+            name in _os.environ for name in ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        return
+    trim_threshold, mmap_threshold = -1, -3  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD of <malloc.h>
+    mallopt(mmap_threshold, 1 << 30)
+    mallopt(trim_threshold, 1 << 30)
+
+
+_keep_freed_memory()
+
 from scoreprior.checkpoints import load_checkpoint, load_prior
 from scoreprior.density import ODEOptions, ScorePrior, bits_per_dim
 from scoreprior.importance import PosteriorCheck, check_posterior, importance_draws

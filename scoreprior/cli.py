@@ -691,7 +691,7 @@ def _add_demo(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) 
                                       "of a held-apart crescent at M87's coordinates, fit the DPI posterior with "
                                       "the surrogate prior, then against the exact ODE log-density, correct its draws "
                                       "with the exact density (PSIS, then tempered SMC if needed), and write "
-                                      "report.png, samples.nc and metrics.json. About 10 minutes on two CPU cores.",
+                                      "report.png, samples.nc and metrics.json. About 11 minutes on two CPU cores.",
                           formatter_class=defaults, parents=[common])
     demo.add_argument("--out", default="scoreprior-demo", help="output folder")
     demo.add_argument("--steps", type=int, default=None,

@@ -46,7 +46,12 @@ from scoreprior.importance import (
 from scoreprior.posterior import DPI
 from scoreprior.protocols import Likelihood, Prior
 
-__all__ = ["Correction", "SMCConfig", "correct_posterior", "score_prior_options"]
+__all__ = ["MIN_LINEAGES", "Correction", "SMCConfig", "correct_posterior", "score_prior_options"]
+
+MIN_LINEAGES = 0.25
+"""Fraction of SMC's N particles that must descend from distinct draws of q for its error bars to be trusted
+(`Correction.trusted`): resampling multiplies the best draws, and Langevin moves that shrink to small steps
+do not make the copies independent again."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,9 @@ class Correction:
     method: "importance" (resampled by the PSIS weights) or "smc"; check: the PSIS check of q's N draws
     (its k̂, ESS and verdict describe q before the correction); ess: the effective sample size of the last
     reweighting (importance: PSIS ESS; smc: the last stage's); unique: distinct particles among the samples;
+    lineages: distinct draws of q the samples descend from (through every resampling; the Langevin moves make
+    descendants of one draw distinct, but only as far as they move: few lineages with small final steps mean
+    error bars from fewer independent draws than N);
     stages: per SMC stage, {"beta", "ess", "acceptance", "step"}; log_evidence: the SMC estimate of
     log p(y) (None for "importance"); converged: False when SMC stopped at max_stages before beta = 1
     (the samples then are not draws of the posterior); evaluations: log p evaluations of single images;
@@ -102,12 +110,22 @@ class Correction:
     check: PosteriorCheck
     ess: float
     unique: int
+    lineages: int
     log_prior_noise: Tensor
     evaluations: int
     seconds: float
     stages: list[dict[str, float]] = field(default_factory=list)
     log_evidence: float | None = None
     converged: bool = True
+
+    @property
+    def trusted(self) -> bool:
+        """Whether the samples stand for the posterior: importance resampling of draws that pass PSIS
+        (`check.reliable`), or SMC that reached beta = 1 with at least MIN_LINEAGES of its N particles from
+        distinct draws of q (fewer: error bars from few independent draws, too narrow as likely as not)."""
+        if self.method == "importance":
+            return bool(self.check.reliable)
+        return bool(self.converged and self.lineages >= MIN_LINEAGES * self.samples.shape[0])
 
     def summary(self) -> str:
         """One line: what was done, its cost and what it says."""
@@ -117,16 +135,20 @@ class Correction:
                     f"{self.evaluations} log p evaluations, {self.seconds:.0f} s")
         accepted = ", ".join(f"{stage['acceptance']:.2f}" for stage in self.stages)
         state = "reached beta = 1" if self.converged else f"stopped at beta = {self.stages[-1]['beta']:.3g}: NOT converged"
+        few = "" if self.trusted or not self.converged else (
+            f"; ONLY {self.lineages} of q's draws survive (< {MIN_LINEAGES:.0%}): the error bars rest on few independent "
+            "draws, moved little; do not trust their width (more particles, moves or a better flow would tell)")
         return (f"tempered SMC from q ({self.check.verdict.split(';')[0]}) in {len(self.stages)} stages, {state}; "
-                f"ESS {self.ess:.0f} of {n} at the last reweighting, {self.unique} distinct particles; Langevin acceptance "
-                f"{accepted}; log evidence {self.log_evidence:.1f}; {self.evaluations} log p evaluations, "
-                f"{self.seconds:.0f} s")
+                f"ESS {self.ess:.0f} of {n} at the last reweighting, {self.unique} distinct particles from "
+                f"{self.lineages} of q's draws; Langevin acceptance {accepted}, last step {self.stages[-1]['step']:.2g}; "
+                f"log evidence {self.log_evidence:.1f}; {self.evaluations} log p evaluations, "
+                f"{self.seconds:.0f} s{few}")
 
     def to_dict(self) -> dict[str, Any]:
         """Scalars and per-stage lists for JSON."""
         noise = self.log_prior_noise
         return {"method": self.method, "particles": int(self.samples.shape[0]), "ess": self.ess,
-                "unique": self.unique, "converged": self.converged, "log_evidence": self.log_evidence,
+                "unique": self.unique, "lineages": self.lineages, "trusted": self.trusted, "converged": self.converged, "log_evidence": self.log_evidence,
                 "stages": self.stages, "evaluations": self.evaluations, "seconds": self.seconds,
                 "log_prior_noise_median": float(noise.median()) if noise.numel() else None,
                 "q_check": self.check.to_dict(), "summary": self.summary()}
@@ -274,7 +296,7 @@ def correct_posterior(
     if check.reliable or not config.smc:
         idx = systematic_indices(check.log_weights.exp(), n, generator=generator)
         return Correction(samples=x[idx], method="importance", check=check, ess=float(check.ess),
-                          unique=int(idx.unique().numel()), log_prior_noise=check.log_prior_noise[idx],
+                          unique=int(idx.unique().numel()), lineages=int(idx.unique().numel()), log_prior_noise=check.log_prior_noise[idx],
                           evaluations=particles.evaluations, seconds=time.perf_counter() - start)
     log_w, noise = check.raw_log_weights.clone(), check.log_prior_noise.clone()
     result = _temper(particles, u, x, log_w, noise, config, generator, progress)
@@ -287,6 +309,7 @@ def _temper(particles: _Particles, u: Tensor, x: Tensor, log_w: Tensor, noise: T
     n = u.shape[0]
     beta, step, log_evidence = 0.0, config.step, 0.0
     grad = particles.gradient(u)
+    ancestors = torch.arange(n, device=u.device)
     stages: list[dict[str, float]] = []
     bar = tqdm(desc="SMC", unit="stage", disable=not progress)
     while beta < 1.0 and len(stages) < config.max_stages:
@@ -297,7 +320,7 @@ def _temper(particles: _Particles, u: Tensor, x: Tensor, log_w: Tensor, noise: T
         ess = float(1.0 / weights.square().sum())
         beta = new_beta
         idx = systematic_indices(weights, n, generator=generator)
-        u, x, log_w, noise, grad = u[idx], x[idx], log_w[idx], noise[idx], grad[idx]
+        u, x, log_w, noise, grad, ancestors = u[idx], x[idx], log_w[idx], noise[idx], grad[idx], ancestors[idx.to(u.device)]
         accepted = 0
         moves = config.final_moves if beta >= 1.0 else config.moves
         for _ in range(moves):
@@ -310,4 +333,5 @@ def _temper(particles: _Particles, u: Tensor, x: Tensor, log_w: Tensor, noise: T
     bar.close()
     unique = int(torch.unique(x.reshape(n, -1), dim=0).shape[0])
     return {"samples": x, "method": "smc", "ess": stages[-1]["ess"] if stages else float(n), "unique": unique,
+            "lineages": int(ancestors.unique().numel()),
             "log_prior_noise": noise, "stages": stages, "log_evidence": log_evidence, "converged": beta >= 1.0}

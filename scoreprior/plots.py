@@ -370,17 +370,20 @@ def logprob_scatter(
 
 
 def _trusted(check: Mapping, correction: Mapping) -> bool:
-    """Whether the demo's error bars are confirmed under the exact density: the flow passes PSIS, or the SMC
-    correction reached the posterior."""
-    return bool(check["reliable"] or (correction["method"] == "smc" and correction["converged"]))
+    """Whether the demo's error bars are confirmed under the exact density: the flow passes PSIS, or the
+    correction says its samples stand for the posterior (`Correction.trusted`)."""
+    return bool(check["reliable"] or correction["trusted"])
 
 
 def _verdict_title(check: Mapping, correction: Mapping) -> str:
     """The demo report's headline: what the error bars rest on."""
     if check["reliable"]:
         return "error bars confirmed by the exact prior density (the flow passes the PSIS check)"
-    if correction["method"] == "smc" and correction["converged"]:
+    if correction["method"] == "smc" and correction["trusted"]:
         return "error bars from the exact prior density (the flow failed PSIS; SMC corrected its draws)"
+    if correction["method"] == "smc" and correction["converged"]:
+        return (f"error bars uncertain: SMC reached the exact posterior, but its {correction['particles']} draws "
+                f"descend from only {correction['lineages']} of the flow's")
     return "do not trust these error bars: the correction did not reach the exact posterior"
 
 
@@ -434,7 +437,8 @@ def demo_report_figure(
         how = [f"importance resampling: ESS {correction['ess']:.0f} of {correction['particles']}"]
     else:
         how = [f"tempered SMC, {len(correction['stages'])} stages" + ("" if correction["converged"] else " (NOT converged)"),
-               f"  ESS {correction['ess']:.0f} of {correction['particles']}, {correction['unique']} distinct"]
+               f"  ESS {correction['ess']:.0f} of {correction['particles']}, {correction['unique']} distinct",
+               f"  from {correction['lineages']} draws of the flow"]
     flux = post["flux"]
     lines = [f"{obs['n_visibilities']} visibilities, {len(obs['stations'])} stations",
              f"nxcorr(mean, truth) = {post['nxcorr_mean_truth']:.3f}",

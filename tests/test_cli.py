@@ -2,6 +2,7 @@ import csv
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -261,9 +262,7 @@ def test_train_resume_with_fewer_steps_than_done_says_so(tiny, tmp_path, capsys)
 
 
 def test_the_package_sets_a_passive_openmp_wait_policy_unless_the_user_chose_one():
-    import os
     import subprocess
-    import sys
 
     code = "import os, scoreprior; print(os.environ['OMP_WAIT_POLICY'])"
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
@@ -279,6 +278,27 @@ def test_the_package_sets_a_passive_openmp_wait_policy_unless_the_user_chose_one
     run = subprocess.run([sys.executable, "-c", first], env={**env, "OMP_WAIT_POLICY": "PASSIVE"},
                          capture_output=True, text=True, timeout=300)
     assert "RuntimeWarning" not in run.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_the_package_keeps_freed_tensor_memory_unless_the_user_tuned_malloc():
+    """A 64 MB tensor allocated 20 times: with the package's thresholds its pages fault in once (the freed block
+    is reused), without them (the user's own GLIBC_TUNABLES win) at every allocation."""
+    import subprocess
+
+    code = ("import resource, scoreprior, torch\n"
+            "torch.ones(16_000_000)\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "for _ in range(20): torch.ones(16_000_000)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)")
+    pages = 64_000_000 // 4096
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_",
+                                                             "MALLOC_TRIM_THRESHOLD_")}
+    kept = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert int(kept.stdout) < 2 * pages, kept.stderr
+    user = subprocess.run([sys.executable, "-c", code], env={**env, "GLIBC_TUNABLES": "glibc.malloc.check=0"},
+                          capture_output=True, text=True, timeout=300)
+    assert int(user.stdout) > 10 * pages, user.stderr
 
 
 UVFITS = (Path(os.environ.get("SCOREPRIOR_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))

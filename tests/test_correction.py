@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from scoreprior import DPI, FitConfig, GaussianLikelihood, GaussianPrior, GaussianScore, ODEOptions, ScorePrior, VPSDE
-from scoreprior.correction import SMCConfig, correct_posterior
+from scoreprior.correction import MIN_LINEAGES, SMCConfig, correct_posterior
 from scoreprior.data import gaussian_field
 from scoreprior.operators import GaussianBlur
 from scoreprior.priors import gaussian_posterior
@@ -51,7 +51,9 @@ def test_smc_restores_a_shrunk_flow_to_the_exact_posterior():
     assert abs(ratio - 1) < 0.15
     z = (x.mean(0) - post_mean.reshape(-1)) / (std / math.sqrt(result.ess))
     assert z.abs().max() < 4.5
-    assert result.unique > 256
+    assert result.unique > 256 and 0 < result.lineages <= result.unique
+    assert result.trusted
+    assert f"from {result.lineages} of q's draws" in result.summary()
     # log p(y) of the linear-Gaussian model: N(y; A m0, A C A^T + sigma^2 I)
     a = torch.stack([likelihood.operator.A(e.reshape(1, 1, 4, 4)).reshape(-1) for e in torch.eye(16, dtype=torch.float64)], 1)
     evidence_cov = a @ prior.cov @ a.T + 0.05**2 * torch.eye(a.shape[0], dtype=torch.float64)
@@ -66,6 +68,20 @@ def test_an_exact_flow_needs_only_importance_resampling():
     assert result.check.reliable and result.method == "importance"
     assert result.ess > 120 and not result.stages
     assert "importance resampling" in result.summary()
+
+
+def test_smc_whose_moves_stay_put_is_not_trusted():
+    """A flow 0.2x too narrow and moves of a step of 1e-12, which leave resampled copies where they are: the
+    particles descend from few of q's draws, which the correction says instead of passing their too-narrow
+    spread as the posterior's."""
+    prior, likelihood, post_mean, post_cov = _problem()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        result = correct_posterior(_flow_at(post_mean, post_cov, 0.2), prior, likelihood,
+                                   SMCConfig(particles=128, ess_fraction=0.7, moves=1, final_moves=1, step=1e-12), generator=_gen(2))
+    assert result.converged and result.lineages < MIN_LINEAGES * 128 and not result.trusted
+    assert f"ONLY {result.lineages} of q's draws survive" in result.summary()
+    assert result.to_dict()["trusted"] is False
 
 
 def test_smc_can_be_switched_off_and_a_stage_limit_is_reported():

@@ -137,17 +137,22 @@ def test_demo_report_has_a_microarcsecond_scale_bar():
                                             "posterior_eti95": [38.0, 42.0], "truth_measured": 40.5},
                       "flux": {"posterior_mean": 1.0, "posterior_std": 0.1, "truth": 1.0}},
         "exact_check": {"khat": 0.4, "reliable": True, "ess": 20.0, "n": 25, "log_prior_noise_median": 0.5},
-        "correction": {"method": "importance", "ess": 20.0, "particles": 25, "stages": [], "converged": True},
+        "correction": {"method": "importance", "ess": 20.0, "particles": 25, "stages": [], "converged": True,
+                       "trusted": True},
     }
     fig = demo_report_figure(truth=image, dirty=image, mean=image, std=image, samples=samples,
                              covered=(image > 0.5).float(), metrics=metrics)
     assert "confirmed" in fig._suptitle.get_text()
     metrics["exact_check"]["reliable"] = False
-    metrics["correction"] = {"method": "smc", "ess": 12.0, "particles": 25, "unique": 20, "stages": [{}, {}],
-                             "converged": False}
+    metrics["correction"] = {"method": "smc", "ess": 12.0, "particles": 25, "unique": 20, "lineages": 9, "stages": [{}, {}],
+                             "converged": False, "trusted": False}
     failed = demo_report_figure(truth=image, dirty=image, mean=image, std=image, samples=samples,
                                 covered=(image > 0.5).float(), metrics=metrics)
     assert failed._suptitle.get_text().startswith("do not trust these error bars")
+    metrics["correction"]["converged"] = True  # reached beta = 1, but from 9 of 25 draws (< MIN_LINEAGES)
+    few = demo_report_figure(truth=image, dirty=image, mean=image, std=image, samples=samples,
+                             covered=(image > 0.5).float(), metrics=metrics)
+    assert few._suptitle.get_text().startswith("error bars uncertain") and "only 9 of the flow's" in few._suptitle.get_text()
     labelled = [ax for ax in fig.axes if any(t.get_text() == "50 µas" for t in ax.texts)]
     assert len(labelled) == 2  # truth and coverage panels: 160 µas over the image width, bar of 50 µas
     bar = labelled[0].lines[0].get_xdata()

@@ -293,6 +293,7 @@ def test_train_config_validates():
         train_score_model(make_mlp(), VPSDE(), torch.zeros(5, dtype=torch.long), TrainConfig(steps=1))
 
 
+@pytest.mark.slow
 def test_unet_prior_on_gaussian_fields_ranks_log_densities():
     """A small U-Net trained briefly on 8x8 fields orders held-out images like the true density."""
     sde = VPSDE()
