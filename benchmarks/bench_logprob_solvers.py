@@ -4,7 +4,8 @@ For each prior and image set (16 images each) the reference is the adaptive solv
 rtol = atol = 1e-6 and one Rademacher probe per image; every row uses the same probe (common random
 numbers: `ODEOptions(fresh_probes=False)` for the Gaussian-base solver) and, like the reference, the network
 in float64, so the error is the solver's alone. One more row per set, the adaptive solver at 1e-6 in
-float32 (the package's dtype), shows the rounding floor of float32 that comes on top. Rows: the adaptive solver at
+float32 (the package's dtype), shows the rounding floor of float32 that comes on top (the same probes:
+`draw_probes` draws them in float32 for every dtype). Rows: the adaptive solver at
 several tolerances (today's default is 1e-5) and the Gaussian-base solver (`scoreprior.gaussian_flow`) at
 several step counts; evaluations (NFE), mean and max |error| in nats, seconds, and the time ratio against
 the adaptive solver at its default tolerance in the same run. A row is on the Pareto front when no row is

@@ -670,8 +670,8 @@ def _add_logprob(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     logprob.add_argument("--solver", choices=("adaptive", "gaussian", "auto"), default="adaptive",
                          help="adaptive: the reference ODE solver at --rtol / --atol; gaussian: the fixed-grid "
                               "solver on the prior's Gaussian base (--ode-steps RK4 steps; several times fewer "
-                              "evaluations on posterior-like images, but tens of nats off on clean held-out images "
-                              "at t0 = 1e-5, see docs/results.md); auto: gaussian where the prior has a base")
+                              "evaluations on prior and posterior draws, but hundreds to thousands of nats off on clean "
+                              "held-out images, see docs/results.md); auto: gaussian where the prior has a base")
     logprob.add_argument("--ode-steps", type=int, default=8, help="RK4 steps of the gaussian solver")
     logprob.add_argument("--rtol", type=float, default=1e-5, help="adaptive solver's relative tolerance")
     logprob.add_argument("--atol", type=float, default=1e-5, help="adaptive solver's absolute tolerance")

@@ -2,8 +2,9 @@
 
 Two solvers (`ODEOptions.solver`): for priors with a Gaussian base (every shipped prior, and any ScorePrior
 given `gaussian_base`), a fixed-grid exponential integrator that solves the Gaussian's part of the flow in
-closed form and integrates only the network's residual (`scoreprior.gaussian_flow`, the default there);
-and the adaptive solver below, the reference and the default for other priors.
+closed form and integrates only the network's residual (`scoreprior.gaussian_flow`: for prior and
+posterior draws, which DPI and the correction evaluate); and the adaptive solver below, the reference and
+the default (clean images, e.g. held-out test images, need it: see `ODEOptions.solver`).
 
 The probability-flow ODE dx/dt = f(x, t) - g(t)^2 s(x, t) / 2 (Song et al., ICLR 2021) transports the
 data density p_{t0} to the reference density p_T. The instantaneous change of variables gives
@@ -165,7 +166,7 @@ class ScorePrior:
     the checkpoint; the shipped priors: (0, 1)), so that callers can catch images on another scale.
     gaussian_base: a `GaussianPrior` near the data (e.g. `GaussianPrior.fit(training_images, floor=...)`;
     `load_prior` and `pretrained` set a `GaussianResidualNet`'s own). With it `log_prob` integrates only
-    what the score adds to that Gaussian (`ODEOptions(solver="gaussian")`, the default then), and the
+    what the score adds to that Gaussian (`ODEOptions(solver="gaussian")`, for prior and posterior draws), and the
     adaptive solver uses it as a control variate: Hutchinson estimates tr(J - J_G) and adds the Gaussian
     score's trace tr J_G in closed form, still unbiased, with less variance the closer the data are to it.
     control_variate: deprecated name of gaussian_base.

@@ -24,7 +24,8 @@ need not stay fixed for the solve: each evaluation draws its own, so the trace n
 averages out over the integral instead of adding up. With several probe sets the spread of their
 quadratures gives each image's standard error. Gradients (to x and to the score's parameters) are by
 backpropagation through the fixed grid. Accuracy against the adaptive solver: benchmarks/bench_logprob_solvers.py,
-numbers in docs/results.md.
+numbers in docs/results.md: accurate on typical points of p_t0 (prior and posterior draws), far off on clean
+images, whose score changes within a thin layer near t0 that the grid misses (see `ODEOptions.solver`).
 """
 
 from __future__ import annotations

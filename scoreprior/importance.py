@@ -214,11 +214,13 @@ def systematic_indices(weights: Tensor, m: int, *, generator: torch.Generator | 
 def check_options(event_shape: tuple[int, ...], *, steps: int = 8) -> ODEOptions:
     """The `ODEOptions` a check uses for a ScorePrior on images of event_shape: Hutchinson with two sets of
     coloured probes on (C, H, W) images (8 C probes; 8 Rademacher probes otherwise), whose spread gives
-    each draw's standard error, and `steps` Runge-Kutta steps of the Gaussian-base solver where there is one."""
+    each draw's standard error, and `steps` Runge-Kutta steps of the Gaussian-base solver where there is one
+    (solver "auto": the draws checked are a fitted posterior's, typical points of p_t0, where that solver is
+    accurate; the adaptive one at 1e-4 otherwise)."""
     if len(event_shape) == 3:
-        return ODEOptions(divergence="hutchinson", probe="colored", n_probes=2 * probe_set_size("colored", event_shape),
-                          steps=steps, rtol=1e-4, atol=1e-4)
-    return ODEOptions(divergence="hutchinson", n_probes=8, steps=steps, rtol=1e-4, atol=1e-4)
+        return ODEOptions(solver="auto", divergence="hutchinson", probe="colored",
+                          n_probes=2 * probe_set_size("colored", event_shape), steps=steps, rtol=1e-4, atol=1e-4)
+    return ODEOptions(solver="auto", divergence="hutchinson", n_probes=8, steps=steps, rtol=1e-4, atol=1e-4)
 
 
 def _khat_se(log_w: Tensor, generator: torch.Generator | None) -> float | None:

@@ -55,11 +55,13 @@ def draw_probes(probe: str, n_probes: int, x: Tensor, generator: torch.Generator
 
     probe: one of PROBES; for "colored" n_probes must be a multiple of `probe_set_size` (each set of C k^2
     coloured probes, with its own signs, is one unbiased estimate). generator: on x's device, or None.
+    The probes are drawn in float32 whatever x's dtype, so that one generator gives the same probes to a
+    float32 and a float64 evaluation (torch's float64 normal stream is another sequence).
     """
     choice(probe, "probe", PROBES)
     n_probes = positive_int(n_probes, "n_probes")
     shape = (n_probes,) + tuple(x.shape)
-    gaussian = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
+    gaussian = torch.randn(shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
     if probe == "gaussian":
         return gaussian
     signs = gaussian.sign()  # Rademacher, from the same stream as the Gaussian probes

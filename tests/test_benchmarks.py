@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_logprob_compare import main, reference_log_prob  # noqa: E402
 from scoreprior import GaussianScore, ODEOptions, ScorePrior, VPSDE  # noqa: E402
 from scoreprior.data import gaussian_field, sample_gaussian  # noqa: E402
+from scoreprior.traces import draw_probes  # noqa: E402
 
 
 def test_reference_algorithm_agrees_with_scoreprior():
@@ -21,7 +22,7 @@ def test_reference_algorithm_agrees_with_scoreprior():
     prior = ScorePrior(GaussianScore(mean, cov, sde), sde, t0=1e-3)
     x = sample_gaussian(mean, cov, 2, generator=torch.Generator().manual_seed(0))
     exact = prior.log_prob(x, ODEOptions(divergence="exact", rtol=1e-7, atol=1e-7))
-    probes = torch.randn((32,) + tuple(x.shape), generator=torch.Generator().manual_seed(1), dtype=torch.float64).sign()
+    probes = draw_probes("rademacher", 32, x, torch.Generator().manual_seed(1))  # the probes scoreprior draws
     runs = torch.stack([reference_log_prob(prior, x, p, 1e-6)[0] for p in probes])
     se = runs.std(0) / 32**0.5
     assert ((runs.mean(0) - exact).abs() < 4 * se + 1e-3).all()

@@ -121,7 +121,7 @@ def test_exact_stage_reaches_the_gaussian_posterior_through_the_ode_density():
     post_mean, post_cov = gaussian_posterior(exact_prior, likelihood)
     flow = _flow_at(post_mean, post_cov, 0.7)
     flow.fit(prior, likelihood, FitConfig(steps=300, batch_size=32, lr=1e-2, warmup=30),
-             prior_kwargs={"options": ODEOptions(steps=1, divergence="hutchinson", n_probes=1)}, progress=False)
+             prior_kwargs={"options": ODEOptions(solver="gaussian", steps=1, divergence="hutchinson", n_probes=1)}, progress=False)
     m, s = flow.posterior_stats(n=4096, generator=_gen(7))
     std = post_cov.diagonal().sqrt().reshape(m.shape)
     assert ((s / std).median() - 1).abs() < 0.1

@@ -351,17 +351,18 @@ def test_progress_counts_the_function_evaluations(monkeypatch):
 # --- the calls of the previous release: still working, with a DeprecationWarning that shows the new call -------
 
 
-@pytest.mark.parametrize("solver", ["adaptive", "gaussian"])
-def test_old_keyword_options_warn_and_give_the_new_call_s_value(solver):
+@pytest.mark.parametrize("base", [False, True])
+def test_old_keyword_options_warn_and_give_the_new_call_s_value(base):
     """log_prob(x, divergence=..., n_probes=...) is log_prob(x, ODEOptions(...)): the same probes from the same
-    generator, on either solver (a prior without a base, and one with a base other than the data's Gaussian)."""
+    generator, by the adaptive solver as in the previous release, for a prior without a base and for one with
+    a base other than the data's Gaussian."""
     model, prior, x = _gaussian_problem(SDES["vp"], 4, 4, n=2)
-    if solver == "gaussian":
+    if base:
         prior = ScorePrior(model, SDES["vp"], t0=T0, gaussian_base=scoreprior.GaussianPrior(model.mean, 2 * model.cov))
     with pytest.warns(DeprecationWarning, match=r"use log_prob\(x, ODEOptions\(divergence='hutchinson', n_probes=2\)\)"):
         old, stats = prior.log_prob(x, divergence="hutchinson", n_probes=2, generator=torch.Generator().manual_seed(3),
                                     return_stats=True)
-    assert stats["solver"] == solver
+    assert stats["solver"] == "adaptive"
     options = ODEOptions(divergence="hutchinson", n_probes=2)
     new = prior.log_prob(x, options, generator=torch.Generator().manual_seed(3))
     assert torch.equal(old, new)

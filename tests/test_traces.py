@@ -83,3 +83,12 @@ def test_differences_autograd_and_exact_trace_agree_on_a_linear_map():
     value, trace = exact_trace(_linear(matrix), x, chunk_size=5)
     torch.testing.assert_close(value, value_a)
     torch.testing.assert_close(trace, matrix.trace().expand(2))
+
+
+@pytest.mark.parametrize("probe, n", [("rademacher", 2), ("gaussian", 2), ("colored", 4)])
+def test_one_generator_gives_the_same_probes_in_float32_and_float64(probe, n):
+    """So that a float32 and a float64 log p with the same seed differ by rounding only, not by their probes."""
+    x = torch.zeros(3, 1, 4, 4)
+    single = draw_probes(probe, n, x, torch.Generator().manual_seed(0))
+    double = draw_probes(probe, n, x.double(), torch.Generator().manual_seed(0))
+    assert double.dtype == torch.float64 and torch.equal(single.double(), double)
