@@ -148,7 +148,8 @@ class Correction:
         """Scalars and per-stage lists for JSON."""
         noise = self.log_prior_noise
         return {"method": self.method, "particles": int(self.samples.shape[0]), "ess": self.ess,
-                "unique": self.unique, "lineages": self.lineages, "trusted": self.trusted, "converged": self.converged, "log_evidence": self.log_evidence,
+                "unique": self.unique, "lineages": self.lineages, "trusted": self.trusted,
+                "converged": self.converged, "log_evidence": self.log_evidence,
                 "stages": self.stages, "evaluations": self.evaluations, "seconds": self.seconds,
                 "log_prior_noise_median": float(noise.median()) if noise.numel() else None,
                 "q_check": self.check.to_dict(), "summary": self.summary()}
@@ -296,7 +297,8 @@ def correct_posterior(
     if check.reliable or not config.smc:
         idx = systematic_indices(check.log_weights.exp(), n, generator=generator)
         return Correction(samples=x[idx], method="importance", check=check, ess=float(check.ess),
-                          unique=int(idx.unique().numel()), lineages=int(idx.unique().numel()), log_prior_noise=check.log_prior_noise[idx],
+                          unique=int(idx.unique().numel()), lineages=int(idx.unique().numel()),
+                          log_prior_noise=check.log_prior_noise[idx],
                           evaluations=particles.evaluations, seconds=time.perf_counter() - start)
     log_w, noise = check.raw_log_weights.clone(), check.log_prior_noise.clone()
     result = _temper(particles, u, x, log_w, noise, config, generator, progress)

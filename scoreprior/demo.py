@@ -191,7 +191,8 @@ def refine_exact(
 ) -> dict[str, list[float]]:
     """Stage 2: fit `dpi` further against the exact ODE density of `prior` (reverse KL, `steps` steps of
     `batch_size` draws at `lr`, warm-up over a tenth, cosine decay), the log-density by solver "auto" (the
-    Gaussian-base one where the prior has a base: the flow's draws are typical points of p_t0) with `ode_steps` Runge-Kutta steps and one Rademacher
+    Gaussian-base one where the prior has a base: the flow's draws are typical points of p_t0) with
+    `ode_steps` Runge-Kutta steps and one Rademacher
     probe per evaluation. Returns the fit's history (empty lists for steps = 0)."""
     if steps == 0:
         return {"loss": [], "skipped": []}
