@@ -296,9 +296,9 @@ def correct_posterior(
     particles.evaluations = n
     if check.reliable or not config.smc:
         idx = systematic_indices(check.log_weights.exp(), n, generator=generator)
+        distinct = int(idx.unique().numel())  # each draw of q is its own lineage
         return Correction(samples=x[idx], method="importance", check=check, ess=float(check.ess),
-                          unique=int(idx.unique().numel()), lineages=int(idx.unique().numel()),
-                          log_prior_noise=check.log_prior_noise[idx],
+                          unique=distinct, lineages=distinct, log_prior_noise=check.log_prior_noise[idx],
                           evaluations=particles.evaluations, seconds=time.perf_counter() - start)
     log_w, noise = check.raw_log_weights.clone(), check.log_prior_noise.clone()
     result = _temper(particles, u, x, log_w, noise, config, generator, progress)

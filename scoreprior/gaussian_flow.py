@@ -160,11 +160,11 @@ def gaussian_base_log_prob(
     steps, divergence = options.steps, options.divergence
     taus = tau_grid(sde, t0, steps)
     stats = {"nfe": 0, "nfe_backward": 0, "solver": "gaussian", "divergence": divergence, "log_prob_se": None}
-    mean, eigvals, eigvecs = base.on(x)
     b = x.shape[0]
     bar = tqdm(total=4 * steps, desc=f"log p (gaussian base, {divergence})", unit="nfe", disable=not progress,
                leave=False, dynamic_ncols=True)
     rhs = _Residual(score, sde, base, x, (t0, sde.T), options, generator, stats, bar)
+    mean, eigvals, eigvecs = rhs.mean, rhs.eigvals, rhs.eigvecs  # the base on x's device and dtype, cast once
     _, a0, s0 = rhs.times(float(taus[0]), b, x)
     z = ((x.reshape(b, -1) - a0 * mean) @ eigvecs) / (a0 * a0 * eigvals + s0 * s0).sqrt()
     integral = None
